@@ -1,0 +1,221 @@
+"""Projection heads with the official implementations' parameter names.
+
+Key names follow the released checkpoints so that a teacher's head loads with
+``load_state_dict(strict=True)`` after its prefix is stripped:
+
+* DINO / iBOT ``DINOHead``: ``mlp.{0,2,4}`` (``mlp.{0,1,3,4,6}`` with BatchNorm),
+  ``last_layer.weight_g`` ``[K, 1]`` / ``last_layer.weight_v`` ``[K, bottleneck]``.
+* SwAV: ``projection_head.{0,1,3}`` and ``prototypes.weight`` ``[K, 128]``.
+* MSN: ``fc.{fc1,bn1,fc2,bn2,fc3}`` and a ``prototypes`` matrix ``[K, 256]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer ``W[i] = g[i] * v[i] / ||v[i]||`` (Salimans & Kingma weight norm).
+
+    Stored as ``weight_g [out, 1]`` and ``weight_v [out, in]`` like ``torch.nn.utils.weight_norm``
+    wrote them in the official DINO/iBOT checkpoints.  ``norm_last_layer=True`` in DINO freezes
+    ``g`` at 1, so every logit is a cosine similarity.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fix_g: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fix_g)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, use_bn: bool, act: type[nn.Module]) -> nn.Module:
+    if nlayers == 1:
+        return nn.Linear(in_dim, out_dim)
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(nlayers - 1):
+        layers.append(nn.Linear(dim, hidden_dim))
+        if use_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(act())
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head (Caron et al. 2021, sec. 3.1 and its ``DINOHead``).
+
+    ``mlp`` (``nlayers`` Linear layers, GELU, optional BatchNorm) → L2 normalisation →
+    weight-normalised ``last_layer`` over ``out_dim`` prototypes, without bias.
+    ``logits: [B, out_dim]`` before any temperature.  ``weight_norm=False`` gives the plain
+    last Linear of the released DINO ResNet-50 head.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        weight_norm: bool = True,
+        l2_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.l2_norm = l2_norm
+        self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn, nn.GELU)
+        self.mlp.apply(_init_linear)
+        if weight_norm:
+            self.last_layer: nn.Module = WeightNormLinear(bottleneck_dim, out_dim, fix_g=norm_last_layer)
+        else:
+            self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+            _init_linear(self.last_layer)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        return F.normalize(x, dim=-1, p=2) if self.l2_norm else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.project(x))
+
+
+class iBOTHead(DINOHead):  # noqa: N801 - the method's own spelling
+    """iBOT head: a DINO head whose patch tokens go through ``last_layer2`` (Zhou et al. 2022).
+
+    ``forward(tokens [B, 1+N, D]) -> (cls_logits [B, K], patch_logits [B, N, K_p])``; on a 2-D
+    input it behaves like a DINO head.  With ``shared_head=True`` ``last_layer2`` *is*
+    ``last_layer`` (the released files still list both key groups, with equal values).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: int | None = None,
+                 shared_head: bool = True, **kwargs) -> None:
+        super().__init__(in_dim, out_dim, **kwargs)
+        bottleneck = self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
+        patch_out_dim = patch_out_dim or out_dim
+        if shared_head:
+            if patch_out_dim != out_dim:
+                raise ValueError("shared_head=True needs patch_out_dim == out_dim")
+            self.last_layer2 = self.last_layer
+        else:
+            fix_g = not self.last_layer.weight_g.requires_grad if isinstance(self.last_layer, WeightNormLinear) else True
+            self.last_layer2 = WeightNormLinear(bottleneck, patch_out_dim, fix_g=fix_g)
+        self.shared_head = shared_head
+
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        if x.dim() == 2:
+            return super().forward(x)
+        z = self.project(x)
+        return self.last_layer(z[:, 0]), self.last_layer2(z[:, 1:])
+
+
+class SwAVHead(nn.Module):
+    """SwAV projection + prototypes (Caron et al. 2020).
+
+    ``projection_head``: Linear → BatchNorm → ReLU → Linear (``hidden_dim`` → ``out_dim``),
+    L2-normalised, then ``prototypes`` (bias-free Linear).  ``forward`` returns
+    ``(embedding [B, out_dim], scores [B, n_prototypes])``.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, n_prototypes: int = 3000,
+                 use_bn: bool = True, normalize: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+        layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else [nn.Identity()]
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        self.projection_head = nn.Sequential(*layers)
+        self.normalize = normalize
+        self.prototypes = nn.Linear(out_dim, n_prototypes, bias=False)
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """SwAV re-normalises every prototype row to unit norm before each iteration."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1, p=2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.projection_head(x)
+        if self.normalize:
+            z = F.normalize(z, dim=1, p=2)
+        return z, self.prototypes(z)
+
+
+class MLPHead(nn.Module):
+    """A plain MLP head (MoCo-v2 projector, RoB-MSN student head, Table 6 "MLP head").
+
+    ``dims`` lists the layer widths, e.g. ``[d, 2048, 128]``; ``act`` inserts an activation
+    between layers (the VISSL ``mlp`` inserts none unless asked).
+    """
+
+    def __init__(self, dims: list[int], use_bn: bool = False, act: str | None = "relu") -> None:
+        super().__init__()
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU, None: None}
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                if acts[act] is not None:
+                    layers.append(acts[act]())
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = dims[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class _MSNProjector(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, use_bn: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.bn1 = nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity()
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+        self.bn2 = nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity()
+        self.fc3 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.bn1(self.fc1(x)))
+        x = F.gelu(self.bn2(self.fc2(x)))
+        return self.fc3(x)
+
+
+class MSNHead(nn.Module):
+    """MSN projector and prototypes (Assran et al. 2022).
+
+    ``fc``: Linear-BN-GELU-Linear-BN-GELU-Linear (``hidden_dim`` → ``out_dim`` 256); the
+    logits are cosine similarities between the L2-normalised projection and the L2-normalised
+    ``prototypes [K, out_dim]``: ``logits: [B, K]`` in [-1, 1], before the temperature.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, n_prototypes: int = 1024,
+                 use_bn: bool = True) -> None:
+        super().__init__()
+        self.fc = _MSNProjector(in_dim, hidden_dim, out_dim, use_bn)
+        self.prototypes = nn.Parameter(torch.empty(n_prototypes, out_dim))
+        nn.init.uniform_(self.prototypes, -1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.fc(x), dim=-1)
+        return z @ F.normalize(self.prototypes, dim=-1).t()
