@@ -155,7 +155,6 @@ class ImageFolder(torch.utils.data.Dataset):
         self.canvas_px = canvas_px
         self.name = f"folder:{self.root.name}"
         self.skipped: set[Path] = set()
-        self._hw: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -177,6 +176,11 @@ class ImageFolder(torch.utils.data.Dataset):
         return canvas, (nh, nw)
 
     def __getitem__(self, i: int):
+        img, label, _ = self.get_with_hw(i)
+        return img, label
+
+    def get_with_hw(self, i: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """``(canvas, label, (h, w) of the image on the canvas)``; works across worker processes."""
         for k in range(len(self.files)):
             j = (i + k) % len(self.files)
             path, label = self.files[j]
@@ -187,12 +191,9 @@ class ImageFolder(torch.utils.data.Dataset):
                     self.skipped.add(path)
                     log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
                 continue
-            self._hw[i] = hw
-            return img, label
+            return img, label, hw
         raise DataError(f"none of the {len(self.files)} images in {self.root} could be read")
 
-    def valid_hw(self, i: int) -> tuple[int, int]:
-        return self._hw.get(i, (self.canvas_px, self.canvas_px))
 
 
 def open_dataset(spec: str | os.PathLike = "fashion-mnist", split: str = "train", limit: int | None = None,

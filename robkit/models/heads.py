@@ -83,6 +83,9 @@ class DINOHead(nn.Module):
         l2_norm: bool = True,
     ) -> None:
         super().__init__()
+        self.init_kwargs = {"in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
+                            "bottleneck_dim": bottleneck_dim, "nlayers": nlayers, "use_bn": use_bn,
+                            "norm_last_layer": norm_last_layer, "weight_norm": weight_norm, "l2_norm": l2_norm}
         self.in_dim, self.out_dim = in_dim, out_dim
         self.l2_norm = l2_norm
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn, nn.GELU)
@@ -112,6 +115,7 @@ class iBOTHead(DINOHead):  # noqa: N801 - the method's own spelling
     def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: int | None = None,
                  shared_head: bool = True, **kwargs) -> None:
         super().__init__(in_dim, out_dim, **kwargs)
+        self.init_kwargs = {**self.init_kwargs, "patch_out_dim": patch_out_dim, "shared_head": shared_head}
         bottleneck = self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
         patch_out_dim = patch_out_dim or out_dim
         if shared_head:
@@ -141,6 +145,8 @@ class SwAVHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, n_prototypes: int = 3000,
                  use_bn: bool = True, normalize: bool = True) -> None:
         super().__init__()
+        self.init_kwargs = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim,
+                            "n_prototypes": n_prototypes, "use_bn": use_bn, "normalize": normalize}
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
         layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else [nn.Identity()]
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
@@ -170,6 +176,7 @@ class MLPHead(nn.Module):
 
     def __init__(self, dims: list[int], use_bn: bool = False, act: str | None = "relu") -> None:
         super().__init__()
+        self.init_kwargs = {"dims": list(dims), "use_bn": use_bn, "act": act}
         acts = {"relu": nn.ReLU, "gelu": nn.GELU, None: None}
         layers: list[nn.Module] = []
         for i in range(len(dims) - 1):
@@ -212,6 +219,8 @@ class MSNHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, n_prototypes: int = 1024,
                  use_bn: bool = True) -> None:
         super().__init__()
+        self.init_kwargs = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim,
+                            "n_prototypes": n_prototypes, "use_bn": use_bn}
         self.fc = _MSNProjector(in_dim, hidden_dim, out_dim, use_bn)
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, out_dim))
         nn.init.uniform_(self.prototypes, -1.0, 1.0)

@@ -1,0 +1,273 @@
+"""Multi-crop views rendered in batches on tensors, with explicit, replayable parameters.
+
+``MultiCropViews`` turns a batch of ``uint8 [B, 3, S, S]`` images into the crop-major list of
+views the objectives expect (global crops first, then local crops).  All randomness is drawn
+up front into a ``ViewParams`` record (crop boxes, flips, colour-jitter factors and order,
+grey-scale, blur sigma, solarisation), so a view can be re-rendered exactly later, e.g. to
+replay the global views whose teacher targets were cached.
+
+Geometry follows ``RandomResizedCrop`` (area fraction ``scale``, aspect ratio in (3/4, 4/3),
+ten tries then the whole image); crops are resampled with ``torchvision.ops.roi_align``
+(bilinear when enlarging, area-averaging when shrinking, so small locals do not alias).
+Photometric augmentation follows DINO / BYOL: colour jitter (p 0.8, random order), grey-scale
+(p 0.2), Gaussian blur (per-view probability; sigma in (0.1, 2.0) px for a 224 px view, scaled
+with the view size) and solarisation (per-view probability).
+
+SSLight (Tan et al. 2023) tunes this sampler: crop scales ``S_g``/``S_l``, resolutions
+``GC``/``LC``, the number of locals ``N_l``; ``pixel_scale_ratio`` reports eq. 1's
+``mean(PS_g / PS_l)`` so ``LC`` can be chosen to make it about 1 (sec. 3.3.2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CropParams:
+    """Random parameters of one crop index for a batch of B images (all tensors have B rows)."""
+
+    boxes: torch.Tensor  # float [B, 4] x0, y0, x1, y1 in canvas pixels
+    flip: torch.Tensor  # bool [B]
+    jitter: torch.Tensor  # float [B, 4] brightness, contrast, saturation factors, hue shift
+    jitter_on: torch.Tensor  # bool [B]
+    jitter_order: torch.Tensor  # long [4], one order per crop index and batch
+    gray: torch.Tensor  # bool [B]
+    blur_sigma: torch.Tensor  # float [B], 0 = no blur (in output pixels)
+    solarize: torch.Tensor  # bool [B]
+
+    def index(self, idx: torch.Tensor) -> CropParams:
+        return CropParams(self.boxes[idx], self.flip[idx], self.jitter[idx], self.jitter_on[idx],
+                          self.jitter_order, self.gray[idx], self.blur_sigma[idx], self.solarize[idx])
+
+
+@dataclass
+class ViewParams:
+    crops: list[CropParams]
+
+
+@dataclass
+class MultiCropViews:
+    """DINO-style multi-crop sampler; keyword defaults are DINO's (Caron et al. 2021, sec. 3 / appendix).
+
+    Per-view lists (``global_blur_p``, ``global_solarize_p``) hold one value per global crop.
+    """
+
+    n_global: int = 2
+    n_local: int = 8
+    global_size_px: int = 224
+    local_size_px: int = 96
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    global_blur_p: tuple[float, ...] = (1.0, 0.1)
+    local_blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    global_solarize_p: tuple[float, ...] = (0.0, 0.2)
+    local_solarize_p: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    _tries: int = field(default=10, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        if self.n_global < 1:
+            raise ValueError(f"n_global must be >= 1, got {self.n_global}")
+
+    @property
+    def n_crops(self) -> int:
+        return self.n_global + self.n_local
+
+    def crop_size(self, c: int) -> int:
+        return self.global_size_px if c < self.n_global else self.local_size_px
+
+    def _per_view(self, values: tuple[float, ...] | float, c: int) -> float:
+        if isinstance(values, (int, float)):
+            return float(values)
+        return float(values[min(c, len(values) - 1)])
+
+    # ------------------------------------------------------------------ sampling
+    def _boxes(self, valid_hw: torch.Tensor, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+        b = valid_hw.shape[0]
+        h, w = valid_hw[:, 0:1].float(), valid_hw[:, 1:2].float()
+        area = h * w
+        t = self._tries
+        s = torch.empty(b, t).uniform_(scale[0], scale[1], generator=g)
+        logr = torch.empty(b, t).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
+        r = torch.exp(logr)
+        cw, ch = torch.sqrt(area * s * r), torch.sqrt(area * s / r)
+        ok = (cw <= w) & (ch <= h)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1))
+        rows = torch.arange(b)
+        cw_sel = torch.where(first >= 0, cw[rows, first.clamp(min=0)], w[:, 0])
+        ch_sel = torch.where(first >= 0, ch[rows, first.clamp(min=0)], h[:, 0])
+        u = torch.rand(b, 2, generator=g)
+        x0 = u[:, 0] * (w[:, 0] - cw_sel)
+        y0 = u[:, 1] * (h[:, 0] - ch_sel)
+        return torch.stack([x0, y0, x0 + cw_sel, y0 + ch_sel], dim=1)
+
+    def sample_crop(self, c: int, valid_hw: torch.Tensor, g: torch.Generator) -> CropParams:
+        b = valid_hw.shape[0]
+        is_global = c < self.n_global
+        scale = self.global_scale if is_global else self.local_scale
+        boxes = self._boxes(valid_hw, scale, g)
+        flip = torch.rand(b, generator=g) < self.flip_p
+        bj, cj, sj, hj = self.jitter
+        u = torch.rand(b, 4, generator=g)
+        jitter = torch.stack([1 - bj + 2 * bj * u[:, 0], 1 - cj + 2 * cj * u[:, 1], 1 - sj + 2 * sj * u[:, 2],
+                              -hj + 2 * hj * u[:, 3]], dim=1)
+        jitter_on = torch.rand(b, generator=g) < self.jitter_p
+        order = torch.randperm(4, generator=g)
+        gray = torch.rand(b, generator=g) < self.grayscale_p
+        blur_p = self._per_view(self.global_blur_p, c) if is_global else self.local_blur_p
+        sig = torch.empty(b).uniform_(self.blur_sigma[0], self.blur_sigma[1], generator=g)
+        sig = sig * (self.crop_size(c) / 224.0)
+        sig = torch.where(torch.rand(b, generator=g) < blur_p, sig, torch.zeros(b))
+        sol_p = self._per_view(self.global_solarize_p, c) if is_global else self.local_solarize_p
+        solarize = torch.rand(b, generator=g) < sol_p
+        return CropParams(boxes, flip, jitter, jitter_on, order, gray, sig, solarize)
+
+    def sample(self, valid_hw: torch.Tensor, g: torch.Generator, crops: range | None = None) -> ViewParams:
+        """Draw the parameters of every crop for a batch; ``valid_hw`` is ``long [B, 2]``."""
+        crops = crops if crops is not None else range(self.n_crops)
+        return ViewParams([self.sample_crop(c, valid_hw, g) for c in crops])
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, images: torch.Tensor, params: ViewParams, first_crop: int = 0) -> list[torch.Tensor]:
+        """Render the crops of ``params`` from ``uint8``/float ``[B, 3, S, S]`` images → normalised views."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        out: list[torch.Tensor] = []
+        i = 0
+        crops = params.crops
+        while i < len(crops):  # one roi_align per run of same-size crops
+            size = self.crop_size(first_crop + i)
+            j = i
+            while j < len(crops) and self.crop_size(first_crop + j) == size:
+                j += 1
+            out.extend(self._render_group(x, crops[i:j], size))
+            i = j
+        return out
+
+    def _render_group(self, x: torch.Tensor, crops: list[CropParams], size: int) -> list[torch.Tensor]:
+        b = x.shape[0]
+        n = len(crops)
+        boxes = torch.cat([cp.boxes for cp in crops], 0)
+        idx = torch.arange(b, dtype=boxes.dtype).repeat(n).unsqueeze(1)
+        v = roi_align(x, torch.cat([idx, boxes], 1), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True)  # [n*B, 3, size, size]
+        flip = torch.cat([cp.flip for cp in crops])
+        v = torch.where(flip.view(-1, 1, 1, 1), v.flip(-1), v)
+        views = []
+        for k, cp in enumerate(crops):
+            vk = v[k * b : (k + 1) * b]
+            vk = _color_jitter(vk, cp.jitter, cp.jitter_on, cp.jitter_order)
+            vk = torch.where(cp.gray.view(-1, 1, 1, 1), _gray(vk).expand_as(vk), vk)
+            vk = _gaussian_blur(vk, cp.blur_sigma)
+            vk = torch.where(cp.solarize.view(-1, 1, 1, 1), torch.where(vk >= 0.5, 1.0 - vk, vk), vk)
+            views.append(vk)
+        m = torch.tensor(self.mean).view(1, 3, 1, 1)
+        s = torch.tensor(self.std).view(1, 3, 1, 1)
+        return [(vk - m) / s for vk in views]
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator, valid_hw: torch.Tensor | None = None):
+        if valid_hw is None:
+            valid_hw = torch.tensor([[images.shape[-2], images.shape[-1]]]).expand(images.shape[0], 2)
+        params = self.sample(valid_hw, g)
+        return self.render(images, params), params
+
+    # ------------------------------------------------------------------ SSLight eq. 1
+    def pixel_scale_ratio(self, canvas_px: int = 224, n: int = 20000, seed: int = 0) -> float:
+        """Monte-Carlo ``mean(PS_g / PS_l)`` with ``PS = final size / cropped size`` (SSLight eq. 1)."""
+        g = torch.Generator().manual_seed(seed)
+        hw = torch.full((n, 2), canvas_px)
+        bg = self._boxes(hw, self.global_scale, g)
+        bl = self._boxes(hw, self.local_scale, g)
+
+        def side(bx: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt((bx[:, 2] - bx[:, 0]) * (bx[:, 3] - bx[:, 1]))
+
+        ps_g = self.global_size_px / side(bg)
+        ps_l = self.local_size_px / side(bl)
+        return float((ps_g / ps_l).mean())
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i.unsqueeze(1)).squeeze(1)
+    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i.unsqueeze(1)).squeeze(1)
+    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i.unsqueeze(1)).squeeze(1)
+    return torch.stack([r, g, b], 1)
+
+
+def _color_jitter(x: torch.Tensor, f: torch.Tensor, on: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-image brightness/contrast/saturation/hue (torchvision ``ColorJitter`` maths, batched)."""
+    y = x
+    for op in order.tolist():
+        if op == 0:
+            y = (y * f[:, 0].view(-1, 1, 1, 1)).clamp(0, 1)
+        elif op == 1:
+            m = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+            y = ((y - m) * f[:, 1].view(-1, 1, 1, 1) + m).clamp(0, 1)
+        elif op == 2:
+            gy = _gray(y)
+            y = ((y - gy) * f[:, 2].view(-1, 1, 1, 1) + gy).clamp(0, 1)
+        else:
+            hsv = _rgb_to_hsv(y)
+            hsv = torch.stack([(hsv[:, 0] + f[:, 3].view(-1, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+            y = _hsv_to_rgb(hsv).clamp(0, 1)
+    return torch.where(on.view(-1, 1, 1, 1), y, x)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (0 = unchanged), reflect padding."""
+    if not bool((sigma > 0).any()):
+        return x
+    b, c, h, w = x.shape
+    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), (min(h, w) - 1) // 2 or 1))
+    k = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    sig = sigma.clamp(min=1e-3).view(-1, 1)
+    ker = torch.exp(-(k.view(1, -1) ** 2) / (2 * sig**2))
+    ker = ker / ker.sum(1, keepdim=True)  # [B, K]
+    ker = ker.repeat_interleave(c, 0)  # [B*C, K]
+    y = x.reshape(1, b * c, h, w)
+    pad_mode = "reflect" if radius < min(h, w) else "replicate"
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode=pad_mode), ker.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode=pad_mode), ker.view(b * c, 1, -1, 1), groups=b * c)
+    y = y.view(b, c, h, w)
+    return torch.where((sigma > 0).view(-1, 1, 1, 1), y, x)

@@ -1,0 +1,91 @@
+"""Recipes (the papers' settings as YAML data) resolved into one run configuration.
+
+A recipe record has sections ``views``, ``loss``, ``head``, ``optim``, ``ema``, ``train``
+(and ``rob`` for distillation); ``extends: OTHER`` deep-merges another recipe underneath.
+Any field can be overridden from the command line as ``section.key=value`` (YAML-parsed).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from robkit.catalog import CatalogError, registry
+
+SECTIONS = ("views", "loss", "head", "optim", "ema", "train", "rob", "data")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """The fully merged recipe ``name`` (``extends`` chains resolved)."""
+    reg = registry("recipes")
+    rec = reg.get(name)
+    fields = {k: v for k, v in rec.fields.items() if k != "records"}
+    seen = {name}
+    while "extends" in fields:
+        parent = fields.pop("extends")
+        if parent in seen:
+            raise ValueError(f"recipe {name!r}: circular 'extends' through {parent!r}")
+        seen.add(parent)
+        base = {k: v for k, v in reg.get(parent).fields.items() if k != "records"}
+        fields = deep_merge(base, fields)
+    fields["name"] = name
+    return fields
+
+
+def resolve_recipe_name(recipe: str, method: str, student_kind: str) -> str:
+    """``--recipe sslight`` → ``dino-sslight-cnn`` etc.; a full recipe name is returned as is."""
+    reg = registry("recipes")
+    for cand in (recipe, f"{method}-{recipe}-{student_kind}", f"{method}-{recipe}"):
+        if cand in reg:
+            rec_method = reg.get(cand).get("method")
+            if rec_method and rec_method != method and cand != recipe:
+                continue
+            return cand
+    options = reg.names(f"{method}-*")
+    raise CatalogError(
+        f"no recipe {recipe!r} for method {method!r} and a {student_kind} student. "
+        f"Recipes for {method}: {', '.join(options) or 'none'}. `robkit recipes list` shows all."
+    )
+
+
+def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``["optim.base_lr=0.1", "views.n_local=4"]`` → nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.base_lr=0.1)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or parts[0] not in SECTIONS:
+            raise ValueError(f"override {item!r}: the key must start with one of {', '.join(SECTIONS)}")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def check_overrides(recipe: dict[str, Any], overrides: dict[str, Any], path: str = "") -> None:
+    """Refuse an override of a field the recipe does not have (typos would otherwise be ignored)."""
+    open_sections = {"data", "rob"}
+    for k, v in overrides.items():
+        here = f"{path}.{k}" if path else k
+        if path == "" and k in open_sections:
+            continue
+        if isinstance(recipe, dict) and k not in recipe:
+            known = ", ".join(sorted(recipe)) if isinstance(recipe, dict) else ""
+            raise ValueError(f"unknown recipe field {here!r}; fields here: {known}")
+        if isinstance(v, dict) and isinstance(recipe.get(k), dict):
+            check_overrides(recipe[k], v, here)
