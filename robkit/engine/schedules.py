@@ -1,0 +1,127 @@
+"""Per-step schedules (learning rate, weight decay, EMA momentum) and gradient clipping.
+
+Schedules are precomputed tensors indexed by the global step, as DINO's ``utils.cosine_scheduler``:
+a run resumed at step ``s`` gets exactly the values of an uninterrupted run, with no scheduler
+state to save.  SSLight (Table 8): linear warm-up over 10 epochs then cosine decay of the LR to
+``min_lr``; constant weight decay for LARS, cosine 0.04 -> 0.4 for AdamW; teacher EMA 0.996 -> 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def lr_for_batch(base_lr: float, batch_size: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017), as DINO and SSLight: ``base_lr * batch / 256``."""
+    return base_lr * batch_size / 256
+
+
+def cosine_schedule(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, start_warmup: float = 0.0
+) -> Tensor:
+    """``[total_steps]`` float64 values: linear warm-up, then a half cosine from ``base`` to ``final``.
+
+    Matches DINO's ``cosine_scheduler``: the warm-up is ``linspace(start_warmup, base, warmup_steps)``
+    (it reaches ``base`` on its last step); step ``i`` of the ``n = total - warmup`` cosine steps is
+    ``final + (base - final) * (1 + cos(pi * i / n)) / 2``, so the first equals ``base`` and the last
+    approaches ``final`` (it equals it only as ``n`` grows).
+    """
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got total_steps={total_steps}, "
+            f"warmup_steps={warmup_steps}; shorten the warm-up (optim.warmup_epochs) or train longer"
+        )
+    warm = torch.linspace(start_warmup, base, warmup_steps, dtype=torch.float64)
+    n = total_steps - warmup_steps
+    i = torch.arange(n, dtype=torch.float64)
+    cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * i / max(n, 1)))
+    return torch.cat([warm, cos])
+
+
+class Schedules:
+    """Learning rate, weight decay and EMA momentum per global step.
+
+    ``apply(optimizer, step)`` sets every group's ``lr`` and ``weight_decay = wd[step] * wd_factor``
+    (``wd_factor`` from :func:`robkit.engine.optim.param_groups`, 1 when absent);
+    ``momentum(step)`` is the EMA momentum of the teacher/key encoder.  All are pure functions of
+    the step, so resuming needs only the step counter.
+    """
+
+    def __init__(self, lr: Tensor, wd: Tensor | None = None, ema_momentum: Tensor | None = None) -> None:
+        n = len(lr)
+        for what, t in (("wd", wd), ("ema_momentum", ema_momentum)):
+            if t is not None and len(t) != n:
+                raise ValueError(
+                    f"the {what} schedule has {len(t)} steps but the lr schedule {n}; build all "
+                    "schedules for the same total number of steps"
+                )
+        self.lr, self.wd, self.ema = lr, wd, ema_momentum
+
+    @classmethod
+    def cosine(
+        cls,
+        total_steps: int,
+        base_lr: float,
+        min_lr: float,
+        warmup_steps: int = 0,
+        start_warmup_lr: float = 0.0,
+        weight_decay: float = 0.0,
+        weight_decay_end: float | None = None,
+        ema_momentum: float | None = None,
+        ema_momentum_end: float = 1.0,
+    ) -> Schedules:
+        """The SSL recipe's schedules: warm-up + cosine LR, cosine weight decay and EMA momentum."""
+        lr = cosine_schedule(base_lr, min_lr, total_steps, warmup_steps, start_warmup_lr)
+        wd_end = weight_decay if weight_decay_end is None else weight_decay_end
+        wd = cosine_schedule(weight_decay, wd_end, total_steps)
+        ema = None if ema_momentum is None else cosine_schedule(ema_momentum, ema_momentum_end, total_steps)
+        return cls(lr, wd, ema)
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def _index(self, step: int) -> int:
+        if not 0 <= step < len(self.lr):
+            raise IndexError(
+                f"step {step} is outside the schedule of {len(self.lr)} steps; the schedules must be built "
+                "for the run's total steps (epochs x steps per epoch)"
+            )
+        return step
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        i = self._index(step)
+        for group in optimizer.param_groups:
+            group["lr"] = float(self.lr[i])
+            if self.wd is not None:
+                group["weight_decay"] = float(self.wd[i]) * group.get("wd_factor", 1.0)
+
+    def momentum(self, step: int) -> float:
+        if self.ema is None:
+            raise ValueError("this Schedules has no EMA momentum schedule (built with ema_momentum=None)")
+        return float(self.ema[self._index(step)])
+
+
+def clip_gradients(model: nn.Module, max_norm: float, per_parameter: bool = True) -> Tensor:
+    """Clip gradients and return the total gradient norm before clipping (0 disables clipping).
+
+    ``per_parameter=True`` is DINO's ``utils.clip_gradients``: each tensor's gradient is scaled to
+    norm at most ``max_norm`` on its own (DINO's ``clip_grad 3.0``); ``False`` clips the global norm
+    as ``torch.nn.utils.clip_grad_norm_``.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+    total = torch.linalg.vector_norm(norms)
+    if max_norm > 0:
+        if per_parameter:
+            for g, n in zip(grads, norms):
+                g.mul_(torch.clamp(max_norm / (n + 1e-6), max=1.0).to(g.dtype))
+        else:
+            scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(scale.to(g.dtype))
+    return total
