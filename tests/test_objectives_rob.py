@@ -20,6 +20,7 @@ from robkit.objectives.rob import (
     RoBSwAVLoss,
     build_rob_loss,
     pair_mask,
+    sinkhorn_knopp,
 )
 
 B, K = 3, 7
@@ -368,6 +369,32 @@ def test_swav_temperatures_and_sinkhorn_marginals():
     targets = RoBSwAVLoss(epsilon=0.5, sinkhorn_iterations=200).targets(_rand(20, 4, seed=3), batch=20)
     np.testing.assert_allclose(targets.sum(1).numpy(), 1.0, atol=1e-9)
     np.testing.assert_allclose(targets.sum(0).numpy(), 20 / 4, rtol=1e-6)
+
+
+def _sinkhorn_worker(rank: int, folder: str, scores: torch.Tensor) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2
+    )
+    try:
+        half = scores.shape[0] // 2
+        codes = sinkhorn_knopp(scores[rank * half : (rank + 1) * half], epsilon=0.03, iterations=3)
+        torch.save(codes, f"{folder}/codes{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sinkhorn_uses_the_global_batch_when_distributed(tmp_path):
+    # two processes holding half a batch each must get the codes of one process holding all of it
+    scores = torch.tanh(_rand(8, 5, seed=11))
+    # fork: no re-import of torch in the children, so the test stays fast on CPU
+    torch.multiprocessing.start_processes(
+        _sinkhorn_worker, args=(str(tmp_path), scores), nprocs=2, start_method="fork"
+    )
+    codes = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
+    np.testing.assert_allclose(codes.numpy(), _ref_sinkhorn(scores.numpy(), 0.03, 3), rtol=1e-9, atol=1e-12)
+    # and differ from per-process Sinkhorn on each half
+    local = torch.cat([sinkhorn_knopp(h, 0.03, 3) for h in scores.split(4)])
+    assert not torch.allclose(codes, local)
 
 
 # ----------------------------------------------------------------------------------- gradients

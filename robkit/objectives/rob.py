@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robkit.engine import distributed as dist_utils
+
 Pair = tuple[int, int]
 
 
@@ -322,15 +324,10 @@ class RoBiBOTLoss(_PairedCrossEntropy):
         return per_image.reshape(self.n_teacher_crops, -1).mean(dim=1).mean()
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_reduce_(x: Tensor, op: Literal["sum", "max"]) -> Tensor:
-    """In-place all-reduce across ranks when ``torch.distributed`` is initialised, else a no-op."""
-    if _distributed():
-        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(x, op=reduce_op)
+def _all_reduce_max_(x: Tensor) -> Tensor:
+    """In-place maximum over processes (VISSL all-reduces the max before ``exp``); a no-op alone."""
+    if dist_utils.is_dist() and dist_utils.world_size() > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
     return x
 
 
@@ -346,16 +343,16 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
     """
     with torch.no_grad():
         q = _compute_dtype(scores.detach()) / epsilon
-        q_max = _all_reduce_(q.max().clone(), "max")
+        q_max = _all_reduce_max_(q.max().clone())
         q = torch.exp(q - q_max).t().contiguous()
-        q /= _all_reduce_(q.sum(), "sum")
+        q /= dist_utils.all_reduce_sum(q.sum())
         n_prototypes, batch = q.shape
-        world = torch.distributed.get_world_size() if _distributed() else 1
+        world = dist_utils.world_size()
         for _ in range(iterations):
-            rows = _all_reduce_(q.sum(dim=1), "sum")
+            rows = dist_utils.all_reduce_sum(q.sum(dim=1))
             if bool((rows == 0).any()):
                 q += 1e-12
-                rows = _all_reduce_(q.sum(dim=1), "sum")
+                rows = dist_utils.all_reduce_sum(q.sum(dim=1))
             q *= (1.0 / n_prototypes / rows).unsqueeze(1)
             q *= (1.0 / (world * batch) / q.sum(dim=0)).unsqueeze(0)
         return (q / q.sum(dim=0, keepdim=True)).t()
