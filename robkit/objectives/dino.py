@@ -146,7 +146,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
         """EMA of the batch mean of the teacher logits, the mean taken over all processes."""
-        batch_center = torch.sum(teacher_logits.float(), dim=0, keepdim=True)
+        batch_center = torch.sum(compute_dtype(teacher_logits), dim=0, keepdim=True)
         dist_utils.all_reduce_sum(batch_center)
         batch_center = batch_center / (teacher_logits.shape[0] * dist_utils.world_size())
         self.center.mul_(self.center_momentum).add_(
