@@ -1,0 +1,126 @@
+"""The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads.
+
+``load(name_or_path)`` returns a frozen :class:`Teacher`; names come from the catalog in the
+top-level ``teachers/`` folder (``robkit teachers list``), paths may be any checkpoint in one of
+the four official layouts or a robkit checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from robkit.teachers.teacher import Teacher, TeacherLoadError, TeacherOutput
+
+__all__ = ["Teacher", "TeacherOutput", "TeacherLoadError", "load", "catalog", "resolve_file"]
+
+
+def catalog():
+    """The teacher registry (``robkit.catalog.registry('teachers')``)."""
+    from robkit.catalog import registry
+
+    return registry("teachers")
+
+
+def _looks_like_path(s: str) -> bool:
+    return (
+        os.sep in s or "/" in s or s.endswith((".pth", ".pt", ".tar", ".ckpt", ".bin")) or s.startswith("~")
+    )
+
+
+def resolve_file(name_or_path: str | os.PathLike, download: bool = True, progress: bool = True):
+    """``(path, record | None)`` for a catalog name or a file path (downloading a named teacher if needed)."""
+    from robkit.teachers import download as dl
+
+    s = os.fspath(name_or_path)
+    p = Path(s).expanduser()
+    if p.is_file():
+        return p, None
+    if isinstance(name_or_path, Path) or _looks_like_path(s):
+        if p.exists():
+            raise FileNotFoundError(f"{p} is a folder; give the checkpoint file inside it")
+        raise FileNotFoundError(f"teacher file {p} does not exist (and {s!r} is not a catalog name)")
+    record = catalog().get(s)  # CatalogError with close names on a typo
+    return dl.resolve(record, download=download, progress=progress), record
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    device: str | Any = "cpu",
+    *,
+    checkpoint_key: str | None = None,
+    arch: dict[str, Any] | None = None,
+    head: dict[str, Any] | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> Teacher:
+    """A frozen teacher by catalog name or by file.
+
+    ``checkpoint_key`` picks the network in a multi-network file (default: the catalog's, else
+    ``teacher`` for DINO/iBOT, ``target_encoder`` for MSN).  ``arch`` / ``head`` declare
+    hyper-parameters that the weights cannot show (e.g. ``{"num_heads": 3}`` for a ViT whose
+    width is not a multiple of 64); everything else is inferred from tensor shapes.
+    """
+    from robkit.engine.checkpoint import safe_load
+    from robkit.teachers import download as dl
+    from robkit.teachers.layouts import detect_family, parse_checkpoint
+    from robkit.teachers.teacher import teacher_from_robkit, teacher_from_spec
+
+    path, record = resolve_file(name_or_path, download=download, progress=progress)
+    digest = dl.sha256_file(path)
+    if record is not None:
+        expected, where = dl.expected_sha256(record)
+        if expected and digest != expected:
+            raise dl.DownloadError(
+                f"{path} has sha256 {digest}, but {expected} is expected ({where}) for teacher {record.name!r}. "
+                "The file is corrupt or not the published one: delete it and load again to re-download."
+            )
+        if expected is None:
+            dl.record_sha256(record["file_name"], digest)
+    obj = safe_load(path)
+    name = record.name if record is not None else path.name
+    family = detect_family(obj)
+    if record is not None and family != record.family:
+        raise TeacherLoadError(
+            f"{path} holds a {family} checkpoint, but catalog entry {name!r} is {record.family}"
+        )
+    if family == "robkit":
+        teacher = teacher_from_robkit(obj, name=name, sha256=digest, source=str(path))
+    else:
+        key = checkpoint_key or (record.get("checkpoint_key") if record is not None else None)
+        spec = parse_checkpoint(obj, key)
+        # A file loaded by path: its ViT position grid tells the native resolution.
+        meta = {"resolution": spec.backbone["img_size"]} if spec.backbone.get("img_size") else {}
+        if record is not None:
+            norm = record.get("normalization") or {}
+            meta = {
+                k: v
+                for k, v in {
+                    "mean": norm.get("mean"),
+                    "std": norm.get("std"),
+                    "resolution": record.get("resolution"),
+                    "default_temperature": record.get("default_temperature"),
+                }.items()
+                if v is not None
+            }
+        declared_arch = {**_declared(record, "arch"), **(arch or {})}
+        declared_head = {**_declared(record, "head"), **(head or {})}
+        teacher = teacher_from_spec(
+            spec,
+            name=name,
+            arch=declared_arch,
+            head=declared_head,
+            meta=meta,
+            sha256=digest,
+            source=str(path),
+        )
+    del obj
+    return teacher.to(device)
+
+
+def _declared(record: Any, key: str) -> dict[str, Any]:
+    if record is None:
+        return {}
+    value = record.get(key) or {}
+    return {k: v for k, v in value.items() if k not in ("name", "description", "note")}

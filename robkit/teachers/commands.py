@@ -1,0 +1,163 @@
+"""``robkit teachers``: list, inspect, fetch and verify the teacher zoo."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+def _fmt(v, spec: str = "") -> str:
+    return "?" if v is None else format(v, spec)
+
+
+@click.group("teachers")
+def teachers() -> None:
+    """The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads."""
+
+
+@teachers.command("list")
+@click.argument("pattern", default="*")
+def list_cmd(pattern: str) -> None:
+    """List catalog teachers whose name matches PATTERN (wildcards: dino_vit*, *rn50*)."""
+    from robkit.teachers import catalog
+    from robkit.teachers.download import cache_status
+
+    reg = catalog()
+    names = reg.names(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
+    if not names:
+        raise click.ClickException(
+            f"no teacher matches {pattern!r}; `robkit teachers list` shows all {len(reg)}"
+        )
+    rows = [("name", "family", "arch", "params(M)", "GFLOPs", "prototypes", "cached")]
+    for n in names:
+        r = reg.get(n)
+        rows.append(
+            (
+                n,
+                r.family,
+                str((r.get("arch") or {}).get("name", "?")),
+                _fmt(r.get("params_m"), ".1f"),
+                _fmt(r.get("gflops"), ".1f"),
+                _fmt(r.get("num_prototypes")),
+                cache_status(r),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    click.echo(
+        f"\n{len(names)} teacher(s). params/GFLOPs: backbone at native resolution (GMACs). "
+        "`robkit teachers info NAME` for details."
+    )
+
+
+@teachers.command("info")
+@click.argument("name")
+def info_cmd(name: str) -> None:
+    """Everything the catalog knows about teacher NAME, and where its file is."""
+    import yaml
+
+    from robkit.catalog import CatalogError
+    from robkit.teachers import catalog
+    from robkit.teachers.download import cached_file, expected_sha256, teachers_dir
+
+    try:
+        r = catalog().get(name)
+    except CatalogError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(yaml.safe_dump({"name": r.name, **r.fields}, sort_keys=False, width=100).rstrip())
+    f = cached_file(r)
+    sha, where = expected_sha256(r)
+    click.echo(f"catalog file: {r.source}")
+    click.echo(f"cached: {f if f else 'no (will download to ' + str(teachers_dir() / r['file_name']) + ')'}")
+    click.echo(f"expected sha256: {sha or 'unknown'} ({where})")
+
+
+@teachers.command("fetch")
+@click.argument("name")
+def fetch_cmd(name: str) -> None:
+    """Download teacher NAME into the cache (no-op when cached)."""
+    from robkit.catalog import CatalogError
+    from robkit.teachers import catalog
+    from robkit.teachers.download import DownloadError, resolve, sha256_file
+
+    try:
+        r = catalog().get(name)
+        path = resolve(r)
+    except (CatalogError, DownloadError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{name}: {path}\nsha256: {sha256_file(path)}")
+    click.echo(f"next: robkit teachers verify {name}")
+
+
+@teachers.command("verify")
+@click.argument("name_or_path")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch", default=2, show_default=True, help="images in the test forward pass")
+def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
+    """Check sha256, load, and run one forward pass on a random normalised image."""
+    import torch
+
+    from robkit.catalog import CatalogError
+    from robkit.engine.checkpoint import CheckpointError
+    from robkit.teachers import load, resolve_file
+    from robkit.teachers.download import DownloadError, expected_sha256, sha256_file
+    from robkit.teachers.layouts import LayoutError
+    from robkit.teachers.teacher import TeacherLoadError
+
+    try:
+        path, record = resolve_file(name_or_path)
+        digest = sha256_file(path)
+        if record is not None:
+            expected, where = expected_sha256(record)
+            status = (
+                "no reference hash (recorded now)"
+                if expected is None
+                else (f"OK ({where})" if expected == digest else f"MISMATCH, expected {expected} ({where})")
+            )
+        else:
+            status = "not a catalog teacher (nothing to compare)"
+        click.echo(f"file:    {path}\nsha256:  {digest}  {status}")
+        t0 = time.perf_counter()
+        teacher = load(name_or_path, device=device)
+        t_load = time.perf_counter() - t0
+    except (
+        CatalogError,
+        DownloadError,
+        CheckpointError,
+        LayoutError,
+        TeacherLoadError,
+        FileNotFoundError,
+    ) as e:
+        raise click.ClickException(str(e)) from e
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(batch, 3, teacher.resolution, teacher.resolution, generator=g)
+    mean = torch.tensor(teacher.mean).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.std).view(1, 3, 1, 1)
+    x = ((img - mean) / std).to(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = teacher(x)
+    t_fwd = time.perf_counter() - t0
+    p = torch.softmax(out.logits.float() / teacher.default_temperature, dim=-1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+    finite = bool(torch.isfinite(out.logits).all() and torch.isfinite(out.features).all())
+    n_params = sum(q.numel() for q in teacher.parameters())
+    click.echo(f"layout:  {teacher.layout}  (family {teacher.family})")
+    click.echo(f"arch:    {teacher.arch}")
+    click.echo(
+        f"params:  {n_params / 1e6:.1f} M   input {teacher.resolution}px  mean {teacher.mean}  std {teacher.std}"
+    )
+    click.echo(
+        f"features {tuple(out.features.shape)}  logits {tuple(out.logits.shape)}"
+        + (f"  patch_logits {tuple(out.patch_logits.shape)}" if out.patch_logits is not None else "")
+    )
+    click.echo(
+        f"logits:  min {out.logits.min().item():.4f}  max {out.logits.max().item():.4f}  "
+        f"entropy@T={teacher.default_temperature} {entropy:.3f} nats (max {torch.log(torch.tensor(float(p.shape[-1]))).item():.3f})"
+    )
+    click.echo(f"time:    load {t_load:.1f}s  forward {t_fwd * 1000:.0f} ms ({device})")
+    if not finite:
+        raise click.ClickException("non-finite outputs")
+    click.echo("verify: OK")

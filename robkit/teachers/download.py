@@ -1,0 +1,241 @@
+"""Finding a teacher file: robkit's cache, torch.hub's cache, then the URL.
+
+Order (``resolve``): ``$ROBKIT_HOME/teachers/<file_name>`` (``ROBKIT_HOME`` defaults to
+``~/.cache/robkit``), then ``torch.hub.get_dir()/checkpoints/<hub_file_name>`` (the name the
+official hub code / ``load_state_dict_from_url`` gives the file), then a download of ``url``.
+
+Downloads go to ``<file_name>.part`` next to the target, resume with an HTTP ``Range`` request
+when a partial file is there, are checked against the expected sha256, and are moved into
+place with ``os.replace`` only when complete and verified, so the cache never holds a partial
+or wrong file under the real name.  The official projects publish no sha256 for these files;
+with none in the catalog, the hash of the first download is recorded in
+``$ROBKIT_HOME/teachers/sha256.json`` and later loads are checked against it (trust on first use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from robkit import __version__
+
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A teacher file could not be fetched or failed verification."""
+
+
+def robkit_home() -> Path:
+    return Path(os.environ.get("ROBKIT_HOME") or "~/.cache/robkit").expanduser()
+
+
+def teachers_dir() -> Path:
+    return robkit_home() / "teachers"
+
+
+def hub_checkpoints_dir() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def offline() -> bool:
+    return os.environ.get("ROBKIT_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------------
+# hashes
+
+
+def _hash_db_path() -> Path:
+    return teachers_dir() / "sha256.json"
+
+
+def _read_db() -> dict[str, Any]:
+    try:
+        with open(_hash_db_path(), encoding="utf-8") as f:
+            db = json.load(f)
+        return db if isinstance(db, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_db(db: dict[str, Any]) -> None:
+    path = _hash_db_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(db, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache still works, it just re-hashes
+        pass
+
+
+def sha256_file(path: str | os.PathLike, memo: bool = True) -> str:
+    """sha256 of a file; memoised by (path, size, mtime) so multi-GB teachers hash once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = str(path)
+    db = _read_db() if memo else {}
+    hit = db.get("memo", {}).get(key)
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return str(hit[2])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo and teachers_dir().exists():
+        db = _read_db()
+        db.setdefault("memo", {})[key] = [st.st_size, st.st_mtime_ns, digest]
+        _write_db(db)
+    return digest
+
+
+def recorded_sha256(file_name: str) -> str | None:
+    """The hash recorded at the first download of ``file_name`` (when the catalog has none)."""
+    return _read_db().get("recorded", {}).get(file_name)
+
+
+def record_sha256(file_name: str, digest: str) -> None:
+    db = _read_db()
+    db.setdefault("recorded", {}).setdefault(file_name, digest)
+    _write_db(db)
+
+
+def expected_sha256(record: Any) -> tuple[str | None, str]:
+    """``(hash, where it comes from)``: the catalog's, else the one recorded at first download."""
+    if record.get("sha256"):
+        return str(record["sha256"]).lower(), "catalog"
+    rec = recorded_sha256(record["file_name"])
+    return (rec, "recorded at first download") if rec else (None, "none known")
+
+
+# --------------------------------------------------------------------------------------------
+# download
+
+
+def download_url(
+    url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True, timeout: float = 60.0
+) -> str:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify, ``os.replace``; returns the sha256."""
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": f"robkit/{__version__}"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # the partial file is already complete
+            resp = None
+        else:
+            raise
+    if resp is not None:
+        with resp:
+            status = getattr(resp, "status", None)
+            mode = "wb"
+            if start and status == 206:
+                m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+                if m and int(m.group(1)) == start:
+                    mode = "ab"
+                else:  # a server that answers a different range: start over
+                    resp.close()
+                    part.unlink()
+                    return download_url(url, dest, sha256, progress, timeout)
+            if mode == "wb":
+                start = 0
+            length = resp.headers.get("Content-Length")
+            total = start + int(length) if length and length.isdigit() else None
+            with (
+                open(part, mode) as f,
+                tqdm(
+                    total=total,
+                    initial=start,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not progress,
+                    leave=False,
+                ) as bar,
+            ):
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+    digest = sha256_file(part, memo=False)
+    if sha256 and digest != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}. The download was deleted; "
+            "retry, and if it persists the file on the server differs from the one the catalog describes."
+        )
+    os.replace(part, dest)
+    return digest
+
+
+def cached_file(record: Any) -> Path | None:
+    """The teacher's file if it is already on disk (robkit cache, then torch.hub cache)."""
+    own = teachers_dir() / record["file_name"]
+    if own.is_file():
+        return own
+    hub_name = record.get("hub_file_name")
+    if hub_name:
+        hub = hub_checkpoints_dir() / hub_name
+        if hub.is_file():
+            return hub
+    return None
+
+
+def cache_status(record: Any) -> str:
+    f = cached_file(record)
+    if f is None:
+        return "-" if not (teachers_dir() / (record["file_name"] + ".part")).exists() else "partial"
+    return "hub" if f.parent == hub_checkpoints_dir() else "yes"
+
+
+def _offline_error(record: Any, reason: str) -> DownloadError:
+    folder = teachers_dir()
+    hub = f" (or {hub_checkpoints_dir() / record['hub_file_name']})" if record.get("hub_file_name") else ""
+    return DownloadError(
+        f"teacher {record.name!r} is not cached and cannot be downloaded ({reason}).\n"
+        f"  URL:    {record['url']}\n"
+        f"  file:   {record['file_name']}\n"
+        f"  folder: {folder}{hub}\n"
+        f"Download the URL on a machine with network access and put it at {folder / record['file_name']}, "
+        "or set ROBKIT_HOME to a folder that holds teachers/<file>."
+    )
+
+
+def resolve(record: Any, download: bool = True, progress: bool = True) -> Path:
+    """Path of the teacher file for a catalog ``record``, downloading it if needed."""
+    found = cached_file(record)
+    if found is not None:
+        return found
+    if not download or offline():
+        raise _offline_error(record, "downloads disabled" if not download else "ROBKIT_OFFLINE is set")
+    dest = teachers_dir() / record["file_name"]
+    expected, _ = expected_sha256(record)
+    try:
+        digest = download_url(record["url"], dest, expected, progress=progress)
+    except (urllib.error.URLError, OSError) as e:
+        reason = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+        raise _offline_error(record, reason) from e
+    if not record.get("sha256"):
+        record_sha256(record["file_name"], digest)
+    return dest
