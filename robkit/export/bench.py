@@ -1,0 +1,342 @@
+"""Latency of exported files (and PyTorch eager) on this machine, measured fairly.
+
+Method (the one that gave p90/median ≤ 1.13 on a shared 2-core VM): build every runner first,
+warm each up, then run rounds in which every runner is called once in a freshly shuffled order
+with a short sleep before each call (so worker threads of the previous runtime stop spinning),
+and report median and p90 per runner.  Interleaving makes machine noise hit all runners alike;
+numbers from separate runs should not be compared.  Throughput is put against the machine's
+measured sgemm peak (cached), using MACs counted by ``torch.utils.flop_counter`` (which, unlike
+module hooks, sees the attention matmuls).  Phones and Apple devices cannot be reached from
+here: their numbers come from the official on-device tools and are merged with ``--merge``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robkit.export import card as cards
+
+
+@dataclass
+class BenchRow:
+    name: str
+    runtime: str
+    precision: str
+    threads: int | None
+    median_ms: float | None
+    p90_ms: float | None
+    size_mb: float | None = None
+    macs_g: float | None = None
+    gflops: float | None = None
+    peak_fraction: float | None = None
+    parity_cosine: float | None = None
+    source: str = "this machine"
+    note: str = ""
+
+
+@dataclass
+class Runner:
+    name: str
+    runtime: str
+    precision: str
+    threads: int | None
+    call: Callable[[], Any]
+    size_mb: float | None = None
+    macs_g: float | None = None
+    parity_cosine: float | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_peak(threads: int, cache: Path | None = None) -> float:
+    """Measured fp32 sgemm GFLOP/s at ``threads`` (best of 10, n=1024), cached per CPU and count."""
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "robkit" / "peak.json"
+    key = f"{cpu_name()}|{os.cpu_count()}|{threads}|torch{torch.__version__}"
+    data = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in data:
+        return float(data[key])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(old)
+    data[key] = round(2 * n**3 / best / 1e9, 1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(data, indent=1))
+    return float(data[key])
+
+
+def count_macs(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """GMACs of one forward (FLOPs / 2 from aten-level counting)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(x)
+    return fc.get_total_flops() / 2 / 1e9
+
+
+def sample_input(card: dict[str, Any]) -> np.ndarray:
+    """One real Fashion-MNIST test image in the file's input format (shape, layout, dtype)."""
+    from robkit.export.images import load_images
+    from robkit.export.targets import ExportTarget
+    from robkit.export.wrappers import make_inputs
+
+    spec = card["input"]
+    t = ExportTarget(
+        name="bench",
+        format=card.get("format", "onnx"),
+        layout=spec["layout"],
+        input_dtype="uint8" if spec["dtype"] == "uint8" else "float32",
+        input="image" if spec["dtype"].startswith("image") else "tensor",
+    )
+    u8, _ = load_images("fashion-mnist", "test", 1, int(spec["resolution"]))
+    norm = card.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    return make_inputs(u8, t, norm["mean"], norm["std"]).numpy()
+
+
+def file_runner(path: Path, threads: int) -> Runner:
+    """A runner for an exported file at ``threads`` threads (card next to it required)."""
+    card = cards.read_card(path)
+    if card is None:
+        raise FileNotFoundError(
+            f"{path} has no card {cards.card_path(path).name}; export it with `robkit export`"
+        )
+    x = sample_input(card)
+    size = cards.file_bytes(path) / 1e6
+    fmt = card.get("format")
+    if fmt == "onnx":
+        from robkit.export.onnx_format import OnnxRunner
+
+        r = OnnxRunner(path, threads)
+        runtime = "onnxruntime"
+    elif fmt == "tflite":
+        from robkit.export.tflite_format import TFLiteRunner
+
+        r = TFLiteRunner(path, threads)
+        runtime = "litert"
+    elif fmt == "executorch":
+        from robkit.export.executorch_format import ExecuTorchRunner
+
+        r = ExecuTorchRunner(path, threads)
+        runtime = "executorch"
+    else:
+        raise ValueError(f"{path}: {fmt} files cannot run on this machine")
+    parity = (card.get("parity") or {}).get("cosine")
+    return Runner(
+        f"{path.name}",
+        runtime,
+        card.get("precision", "?"),
+        threads,
+        lambda: r(x),
+        size_mb=size,
+        parity_cosine=parity,
+    )
+
+
+def torch_runner(
+    module: torch.nn.Module, x: torch.Tensor, threads: int, name: str = "pytorch eager"
+) -> Runner:
+    def call():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            module(x)
+
+    return Runner(name, "torch eager", "fp32", threads, call, parity_cosine=1.0)
+
+
+def run_interleaved(
+    runners: list[Runner], rounds: int = 50, warmup: int = 5, sleep_s: float = 0.004, seed: int = 0
+) -> None:
+    """Fill ``runner.times`` (seconds): warm-up, then shuffled rounds with a pause before each call."""
+    for r in runners:
+        for _ in range(warmup):
+            r.call()
+    rng = random.Random(seed)
+    order = list(runners)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for r in order:
+            time.sleep(sleep_s)
+            t = time.perf_counter()
+            r.call()
+            r.times.append(time.perf_counter() - t)
+
+
+def rows_from(runners: list[Runner], peaks: dict[int, float]) -> list[BenchRow]:
+    rows = []
+    for r in runners:
+        med = statistics.median(r.times) * 1e3
+        p90 = float(np.percentile(r.times, 90)) * 1e3
+        gflops = 2 * r.macs_g / (med / 1e3) if r.macs_g else None
+        peak = peaks.get(r.threads or 1)
+        rows.append(
+            BenchRow(
+                r.name,
+                r.runtime,
+                r.precision,
+                r.threads,
+                round(med, 3),
+                round(p90, 3),
+                round(r.size_mb, 2) if r.size_mb else None,
+                round(r.macs_g, 3) if r.macs_g else None,
+                round(gflops, 1) if gflops else None,
+                round(gflops / peak, 3) if gflops and peak else None,
+                r.parity_cosine,
+            )
+        )
+    return rows
+
+
+_TFLITE_AVG = re.compile(r"Inference \(avg\):\s*([\d.e+]+)")
+_TFLITE_GRAPH = re.compile(r"Graph:\s*\[([^\]]+)\]")
+_TFLITE_THREADS = re.compile(r"#?\s*threads?[^:]*:\s*\[?(\d+)")
+
+
+def parse_merge(path: str | os.PathLike) -> list[BenchRow]:
+    """Rows from an on-device benchmark: TFLite ``benchmark_model`` text output, or JSON rows
+    (a list of objects with ``name`` and ``median_ms``, or robkit's own bench JSON)."""
+    path = Path(path)
+    text = path.read_text()
+    if text.lstrip().startswith(("{", "[")):
+        doc = json.loads(text)
+        items = doc.get("rows", doc) if isinstance(doc, dict) else doc
+        out = []
+        for it in items:
+            fields = {k: it.get(k) for k in BenchRow.__dataclass_fields__ if k in it}
+            fields.setdefault("runtime", it.get("runtime", "device"))
+            fields.setdefault("precision", it.get("precision", "?"))
+            fields.setdefault("threads", it.get("threads"))
+            fields.setdefault("median_ms", it.get("median_ms", it.get("avg_ms")))
+            fields.setdefault("p90_ms", it.get("p90_ms"))
+            fields["source"] = it.get("source") or f"merged: {path.name}"
+            out.append(BenchRow(**fields))
+        return out
+    avg = _TFLITE_AVG.findall(text)
+    if not avg:
+        raise ValueError(
+            f"{path}: no 'Inference (avg): <us>' line; expected TFLite benchmark_model output or JSON"
+        )
+    graph = _TFLITE_GRAPH.search(text)
+    threads = _TFLITE_THREADS.search(text)
+    return [
+        BenchRow(
+            Path(graph.group(1)).name if graph else path.stem,
+            "tflite benchmark_model",
+            "?",
+            int(threads.group(1)) if threads else None,
+            round(float(avg[-1]) / 1e3, 3),
+            None,
+            source=f"on-device: {path.name}",
+            note="mean (benchmark_model reports avg, not median)",
+        )
+    ]
+
+
+def format_table(rows: list[BenchRow], peaks: dict[int, float]) -> str:
+    head = [
+        "file / model",
+        "runtime",
+        "prec",
+        "thr",
+        "median ms",
+        "p90 ms",
+        "MB",
+        "GMACs",
+        "GFLOP/s",
+        "% peak",
+        "parity cos",
+        "source",
+    ]
+    lines = []
+    for r in rows:
+        lines.append(
+            [
+                r.name,
+                r.runtime,
+                r.precision,
+                str(r.threads or "-"),
+                _f(r.median_ms),
+                _f(r.p90_ms),
+                _f(r.size_mb),
+                _f(r.macs_g),
+                _f(r.gflops, 0),
+                _f(100 * r.peak_fraction if r.peak_fraction else None, 0),
+                _f(r.parity_cosine, 4),
+                r.source,
+            ]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+    out.append(
+        "peak (measured sgemm): "
+        + ", ".join(f"{p:.0f} GFLOP/s at {t} thread(s)" for t, p in sorted(peaks.items()))
+    )
+    return "\n".join(out)
+
+
+def _f(v, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def write_json(path: str | os.PathLike, rows: list[BenchRow], peaks: dict[int, float], meta: dict) -> None:
+    Path(path).write_text(
+        json.dumps(
+            {
+                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "peak_gflops": peaks},
+                **meta,
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def plot(path: str | os.PathLike, rows: list[BenchRow]) -> None:
+    """Horizontal bar chart of median latency (p90 as error bar), one bar per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.median_ms is not None]
+    labels = [f"{r.name} [{r.runtime}, {r.threads or '-'}t]" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
+    med = [r.median_ms for r in rows]
+    err = [max(0.0, (r.p90_ms or r.median_ms) - r.median_ms) for r in rows]
+    ax.barh(range(len(rows)), med, xerr=[[0] * len(rows), err], color="tab:blue")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency, ms (bar: median, whisker: p90)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,209 @@
+"""Core ML: mlprogram from the torch.export program, image input, labels, weight compression.
+
+* The TorchScript frontend breaks on numpy 2.4 for timm ViTs (``only 0-dimensional arrays can
+  be converted to Python scalars``); the ``ExportedProgram`` frontend does not.
+* ``ImageType`` takes one scalar scale for NCHW inputs (a per-channel list is rejected), so the
+  image arrives as RGB × 1/255 and the ImageNet-style normalisation is inside the graph.
+* Classifiers use ``ClassifierConfig(labels)`` (outputs ``classLabel`` and ``classLabel_probs``,
+  the graph ends in a softmax).
+* Core ML cannot execute on Linux (``Model prediction is only supported on macOS``): here the
+  program is checked structurally and a PyTorch model with the same weight rounding gives the
+  numeric proxy; on macOS the file itself runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robkit.export.quantize import QUANTIZABLE, fake_quant_weight
+from robkit.export.targets import ExportTarget
+
+log = logging.getLogger(__name__)
+
+IMAGE_INPUT, TENSOR_INPUT = "image", "input"
+
+
+def can_run_coreml() -> bool:
+    return platform.system() == "Darwin"
+
+
+def convert_coreml(
+    module: nn.Module, example: torch.Tensor, target: ExportTarget, labels: Sequence[str] | None = None
+):
+    """The in-memory ``MLModel`` (its MIL program is only available before saving)."""
+    import coremltools as ct
+
+    program = torch.export.export(module.eval(), (example,)).run_decompositions({})
+    if target.input == "image":
+        inputs = [
+            ct.ImageType(
+                name=IMAGE_INPUT,
+                shape=tuple(example.shape),
+                scale=1.0 / 255.0,
+                color_layout=ct.colorlayout.RGB,
+            )
+        ]
+    else:
+        inputs = [ct.TensorType(name=TENSOR_INPUT, shape=tuple(example.shape))]
+    deployment = getattr(ct.target, target.coreml.get("minimum_deployment_target", "iOS16"))
+    mlmodel = ct.convert(
+        program,
+        inputs=inputs,
+        convert_to="mlprogram",
+        minimum_deployment_target=deployment,
+        compute_precision=ct.precision.FLOAT32 if target.precision == "fp32" else ct.precision.FLOAT16,
+        classifier_config=ct.ClassifierConfig(list(labels)) if labels else None,
+    )
+    compression = target.coreml.get("compression")
+    if compression:
+        mlmodel = compress(mlmodel, compression)
+    return mlmodel
+
+
+def compress(mlmodel, compression: str):
+    """``linear8`` (int8 per-channel weights) or ``palettize8`` / ``palettize6`` (k-means LUT)."""
+    from coremltools.optimize import coreml as cto
+
+    if compression == "linear8":
+        cfg = cto.OptimizationConfig(
+            global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", granularity="per_channel")
+        )
+        return cto.linear_quantize_weights(mlmodel, cfg)
+    if compression.startswith("palettize"):
+        nbits = int(compression.removeprefix("palettize"))
+        cfg = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
+        return cto.palettize_weights(mlmodel, cfg)
+    raise ValueError(f"unknown Core ML compression {compression!r}; use linear8, palettize8 or palettize6")
+
+
+def set_metadata(mlmodel, card: dict[str, Any]) -> None:
+    """Description fields plus every card entry as user-defined metadata (strings)."""
+    import json
+
+    mlmodel.author = "robkit"
+    mlmodel.short_description = card.get("description", "")
+    mlmodel.version = str(card.get("robkit_version", ""))
+    mlmodel.license = str(card.get("license", ""))
+    for k, v in flat_metadata(card).items():
+        mlmodel.user_defined_metadata[k] = v
+    if card.get("labels"):
+        mlmodel.user_defined_metadata["com.apple.coreml.model.preview.type"] = "imageClassifier"
+    spec_inputs = {i.name for i in mlmodel.get_spec().description.input}
+    if IMAGE_INPUT in spec_inputs:
+        mlmodel.input_description[IMAGE_INPUT] = (
+            f"RGB image {card['input']['shape']}; the model applies x/255, then (x - mean) / std with "
+            f"mean {card['normalization']['mean']} std {card['normalization']['std']}"
+        )
+    del json
+
+
+def flat_metadata(card: dict[str, Any]) -> dict[str, str]:
+    import json
+
+    keys = (
+        "model",
+        "arch",
+        "teacher",
+        "method",
+        "recipe",
+        "normalization",
+        "input",
+        "labels",
+        "robkit_version",
+        "target",
+        "output",
+    )
+    return {
+        f"robkit.{k}": (v if isinstance(v, str) else json.dumps(v))
+        for k in keys
+        if (v := card.get(k)) is not None
+    }
+
+
+def inspect(mlmodel) -> dict[str, Any]:
+    """Structure of an in-memory mlprogram: inputs, outputs, op inventory, weight storage."""
+    spec = mlmodel.get_spec()
+    ops: dict[str, int] = {}
+    prog = getattr(mlmodel, "_mil_program", None)
+    if prog is not None:
+        for fn in prog.functions.values():
+            for op in fn.operations:
+                ops[op.op_type] = ops.get(op.op_type, 0) + 1
+    weight_dtypes: dict[str, int] = {}
+    if prog is not None:
+        for fn in prog.functions.values():
+            for op in fn.operations:
+                if (
+                    op.op_type == "const"
+                    and op.outputs[0].val is not None
+                    and np.ndim(op.outputs[0].val) >= 2
+                ):
+                    dt = str(np.asarray(op.outputs[0].val).dtype)
+                    weight_dtypes[dt] = weight_dtypes.get(dt, 0) + 1
+                elif op.op_type.startswith("constexpr_"):
+                    weight_dtypes[op.op_type] = weight_dtypes.get(op.op_type, 0) + 1
+    return {
+        "inputs": {i.name: i.type.WhichOneof("Type") for i in spec.description.input},
+        "outputs": {o.name: o.type.WhichOneof("Type") for o in spec.description.output},
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "weights": weight_dtypes,
+        "metadata_keys": sorted(spec.description.metadata.userDefined.keys()),
+    }
+
+
+def _kmeans_1d(w: torch.Tensor, k: int, iters: int = 8) -> torch.Tensor:
+    flat = w.flatten()
+    centers = torch.quantile(flat.float()[:: max(1, flat.numel() // 100000)], torch.linspace(0, 1, k))
+    for _ in range(iters):
+        idx = (flat[:, None] - centers[None]).abs().argmin(1)
+        sums = torch.zeros(k).index_add_(0, idx, flat)
+        counts = torch.zeros(k).index_add_(0, idx, torch.ones_like(flat))
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+    return centers[(flat[:, None] - centers[None]).abs().argmin(1)].view_as(w)
+
+
+def simulated_module(module: nn.Module, target: ExportTarget) -> nn.Module:
+    """PyTorch stand-in with the file's weight rounding (fp16, int8 per-channel or k-means LUT)."""
+    sim = copy.deepcopy(module).eval()
+    compression = target.coreml.get("compression")
+    with torch.no_grad():
+        for m in sim.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if compression and isinstance(m, QUANTIZABLE) and name == "weight":
+                    if compression == "linear8":
+                        p.copy_(fake_quant_weight(p))
+                    elif compression.startswith("palettize") and p.numel() >= 2048:
+                        p.copy_(_kmeans_1d(p, 2 ** int(compression.removeprefix("palettize"))))
+                if target.precision != "fp32":
+                    p.copy_(p.half().float())
+    return sim
+
+
+def predict(path: str | os.PathLike, x: np.ndarray, target: ExportTarget) -> np.ndarray:
+    """Run the saved package (macOS only); ``x`` is the float [0,1] NCHW image batch."""
+    import coremltools as ct
+    from PIL import Image
+
+    model = ct.models.MLModel(str(path))
+    outs = []
+    for xi in x:
+        if target.input == "image":
+            img = Image.fromarray(np.round(xi.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
+            r = model.predict({IMAGE_INPUT: img})
+        else:
+            r = model.predict({TENSOR_INPUT: xi[None]})
+        if "classLabel_probs" in r:
+            probs = r["classLabel_probs"]
+            outs.append(np.array([probs[k] for k in probs], dtype=np.float32)[None])
+        else:
+            outs.append(np.asarray(next(iter(r.values())), dtype=np.float32).reshape(1, -1))
+    return np.concatenate(outs)

@@ -1,0 +1,198 @@
+"""ONNX: dynamo (torch.export) exporter, onnx checker, onnxruntime runner, static int8 QDQ.
+
+* The dynamo exporter writes opset 18+ (20 by default in torch 2.14, native ``Gelu`` and
+  ``LayerNormalization``); a requested opset can silently stay higher when down-conversion
+  fails, so the opset in the card is read back from the file.  The TorchScript exporter
+  (opset 17) is the fallback when the dynamo path fails.
+* int8 is ``onnxruntime.quantization.quantize_static``: QDQ, per-channel weights, activations
+  uint8 on x86 (U8S8: S8S8 QDQ is not accelerated by ORT's x86 kernels) or int8 on ARM,
+  ``op_types_to_quantize`` Conv/MatMul/Gemm for ViTs, sensitive layers via ``nodes_to_exclude``.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    opset: int = 20,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write ``module`` (dynamic batch) to ``path``; returns ``{"opset", "exporter", "nodes"}``."""
+    import onnx
+
+    path = Path(path)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    example2 = torch.cat([example, example])  # a batch-1 example specialises the batch dimension
+    exporter = "dynamo"
+    try:
+        program = torch.export.export(module, (example2,), dynamic_shapes=({0: batch},))
+        torch.onnx.export(
+            program,
+            (example2,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=max(opset, 18),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            verbose=False,
+        )
+    except Exception as e:  # the TorchScript exporter still handles graphs dynamo cannot
+        log.warning(
+            "dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter",
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
+        exporter = "torchscript"
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    if metadata:
+        write_metadata(path, metadata)
+    real_opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {"opset": int(real_opset), "exporter": exporter, "nodes": len(model.graph.node)}
+
+
+def write_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Replace ``metadata_props`` of the file by ``metadata`` (string values)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=str(v))
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+class OnnxRunner:
+    """onnxruntime CPU session with a fixed thread count (spinning off, so interleaved timing is fair)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def run_batches(self, x: np.ndarray, batch: int = 16) -> np.ndarray:
+        return np.concatenate([self(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def nodes_for_layers(path: str | os.PathLike, layers: list[str], bn_map: dict[str, str]) -> list[str]:
+    """ONNX node names computing the torch ``layers`` (via the dynamo exporter's name scopes;
+    a Conv fused with its BatchNorm carries the BatchNorm's scope)."""
+    import onnx
+
+    wanted = set(layers)
+    names = []
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        props = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        scopes = [bn_map.get(s, s) for s in scopes]
+        if wanted.intersection(scopes):
+            names.append(node.name)
+    return names
+
+
+class _Reader:
+    """``CalibrationDataReader`` over real images, 8 at a time."""
+
+    def __init__(self, x: np.ndarray, name: str, batch: int = 8) -> None:
+        self.batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_onnx(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calib: np.ndarray,
+    activation_type: str = "uint8",
+    per_channel: bool = True,
+    exclude_nodes: list[str] | None = None,
+    op_types: list[str] | None = None,
+) -> None:
+    """Static QDQ int8 of ``fp32_path`` calibrated (min/max) on ``calib`` real images."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(fp32_path),
+        str(out_path),
+        _Reader(calib, INPUT_NAME),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=exclude_nodes or [],
+        op_types_to_quantize=op_types,
+        extra_options={"ActivationSymmetric": activation_type == "int8"},
+    )
+
+
+def int8_evaluator(
+    fp32_path: Path,
+    calib: np.ndarray,
+    search_x: np.ndarray,
+    reference: np.ndarray,
+    bn_map: dict[str, str],
+    cos: Callable,
+    **qkw: Any,
+) -> Callable[[list[str]], float]:
+    """``evaluate(float_layers) -> cosine`` for the mixed-precision search (quantise + run in ORT)."""
+
+    def evaluate(float_layers: list[str]) -> float:
+        with tempfile.TemporaryDirectory() as d:
+            q = Path(d) / "q.onnx"
+            quantize_onnx(
+                fp32_path, q, calib, exclude_nodes=nodes_for_layers(fp32_path, float_layers, bn_map), **qkw
+            )
+            out = OnnxRunner(q, threads=torch.get_num_threads()).run_batches(search_x)
+        return cos(torch.from_numpy(out), torch.from_numpy(reference))
+
+    return evaluate

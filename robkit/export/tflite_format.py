@@ -1,0 +1,212 @@
+"""TFLite / LiteRT: litert-torch conversion, fp16 and dynamic int8 via ai-edge-quantizer, static
+int8 via litert-torch's PT2E quantiser, execution with ai-edge-litert (XNNPACK on CPU).
+
+Pitfalls handled here (all reproduced with litert-torch 0.10 / ai-edge-litert 2.3):
+* a PT2E graph exported with a batch-1 example is specialised to batch 1: calibrate one image
+  at a time;
+* static int8 files may have int8 input/output tensors: the runner (and the app) quantise the
+  input with the tensor's (scale, zero_point) and dequantise the output;
+* litert-torch writes no TFLite Support metadata; the card is stored in the flatbuffer's own
+  ``metadata`` table (name ``robkit_card``), which interpreters ignore, plus the JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CARD_METADATA_NAME = "robkit_card"
+
+
+def convert_fp32(module: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
+    import litert_torch
+
+    litert_torch.convert(module.eval(), (example,)).export(str(path))
+
+
+def convert_fp16(fp32_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fp16 weights (ai-edge-quantizer FLOAT_CASTING); XNNPACK dequantises them at load time."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(str(fp32_path))
+    q.add_weight_only_config(
+        regex=".*",
+        operation_name=recipe.TFLOperationName.ALL_SUPPORTED,
+        num_bits=16,
+        algorithm_key=recipe.AlgorithmName.FLOAT_CASTING,
+    )
+    q.quantize().export_model(str(path), overwrite=True)
+
+
+def convert_dynamic_int8(fp32_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """int8 weights, float activations (ai-edge-quantizer ``dynamic_wi8_afp32``)."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(str(fp32_path))
+    q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    q.quantize().export_model(str(path), overwrite=True)
+
+
+def _filtered_quantizer(keep: Callable | None):
+    """litert-torch's PT2EQuantizer whose annotations skip nodes ``keep`` rejects.
+
+    ``set_module_name(name, None)`` is refused by this quantiser (an assert), so layers that
+    stay float are expressed as an annotation filter instead.
+    """
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+    class Filtered(PT2EQuantizer):
+        def _annotate_all_static_patterns(self, model, quantization_config, filter_fn=None):
+            def both(n):
+                return (filter_fn is None or filter_fn(n)) and (keep is None or keep(n))
+
+            return super()._annotate_all_static_patterns(model, quantization_config, both)
+
+    return Filtered().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+
+
+def pt2e_quantize(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    calib: torch.Tensor,
+    keep: Callable | None,
+    quantizer_factory: Callable | None = None,
+    fold_quantize: bool = False,
+):
+    """Prepare, calibrate (one image at a time) and convert: ``(quantised torch model, quantizer)``.
+
+    The returned model is the quantise-simulated PyTorch model the exported file is compared with.
+    litert-torch wants the weight quantisation unfolded (``fold_quantize=False``); ExecuTorch's
+    XNNPACK partitioner wants it folded.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = (quantizer_factory or _filtered_quantizer)(keep)
+    gm = torch.export.export(module.eval(), (example,)).module()
+    gm = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            gm(calib[i : i + 1])
+    gm = convert_pt2e(gm, fold_quantize=fold_quantize)
+    gm.training = False  # exported in eval mode already; the flag only drives converter warnings
+    return gm, quantizer
+
+
+def run_torch_batch1(gm: Callable, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([gm(x[i : i + 1]) for i in range(len(x))])
+
+
+def convert_static_int8(qmodel, quantizer, example: torch.Tensor, path: str | os.PathLike) -> None:
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    litert_torch.convert(qmodel, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
+        str(path)
+    )
+
+
+class TFLiteRunner:
+    """ai-edge-litert interpreter (XNNPACK) taking float or integer inputs like the app would."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(self.inp["dtype"])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """One sample (batch 1, the file's static shape)."""
+        scale, zero = self.inp.get("quantization", (0.0, 0))
+        if self.input_dtype in (np.int8, np.int16) and scale:  # quantised float input
+            info = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max)
+        self.interpreter.set_tensor(self.inp["index"], x.astype(self.input_dtype, copy=False))
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.out["index"])
+        oscale, ozero = self.out.get("quantization", (0.0, 0))
+        if y.dtype != np.float32 and oscale:
+            y = (y.astype(np.float32) - ozero) * oscale
+        return y
+
+    def run_batches(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self(x[i : i + 1]) for i in range(len(x))])
+
+
+def op_counts(path: str | os.PathLike) -> dict[str, int]:
+    """Builtin operator inventory of a .tflite file."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAs(Path(path).read_bytes(), 0)
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+    counts: dict[str, int] = {}
+    for s in range(model.SubgraphsLength()):
+        g = model.Subgraphs(s)
+        for i in range(g.OperatorsLength()):
+            c = codes[g.Operators(i).OpcodeIndex()]
+            name = names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode()), "CUSTOM")
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def embed_metadata(path: str | os.PathLike, card: dict[str, Any]) -> bool:
+    """Store ``card`` as JSON in the flatbuffer's ``metadata`` table; False if the file cannot take it."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    path = Path(path)
+    try:
+        model = fb.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
+        if any(getattr(b, "offset", 0) for b in (model.buffers or [])):
+            return False  # weights stored outside the flatbuffer (>2 GB layout): leave the file alone
+        buf = fb.BufferT()
+        buf.data = np.frombuffer(json.dumps(card, sort_keys=True).encode(), dtype=np.uint8)
+        model.buffers = (model.buffers or []) + [buf]
+        meta = fb.MetadataT()
+        meta.name = CARD_METADATA_NAME
+        meta.buffer = len(model.buffers) - 1
+        model.metadata = [
+            m
+            for m in (model.metadata or [])
+            if m.name not in (CARD_METADATA_NAME, CARD_METADATA_NAME.encode())
+        ]
+        model.metadata.append(meta)
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(builder.Output()))
+        os.replace(tmp, path)
+        return True
+    except Exception as e:  # the sidecar card still exists
+        log.warning("could not embed the card into %s (%s); the sidecar JSON has it", path, e)
+        return False
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The embedded robkit card, or None."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    data = Path(path).read_bytes()
+    model = fb.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        m = model.Metadata(i)
+        if m.Name() and m.Name().decode() == CARD_METADATA_NAME:
+            raw = model.Buffers(m.Buffer()).DataAsNumpy()
+            return json.loads(bytes(raw).decode())
+    return None
