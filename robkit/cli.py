@@ -34,15 +34,19 @@ class LazyGroup(click.Group):
         module, attr = COMMANDS[name].split(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:  # an area not installed or not built yet
-            @click.command(name, help=f"(unavailable: {e})")
+        except (ImportError, AttributeError) as e:  # an optional area whose dependencies are missing
+            reason = str(e)
+
+            @click.command(name, help=f"(unavailable: {reason})")
             def unavailable() -> None:
-                raise click.ClickException(f"`robkit {name}` is unavailable: {e}")
+                raise click.ClickException(f"`robkit {name}` is unavailable: {reason}")
 
             return unavailable
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.version_option(__version__, prog_name="robkit")
 def main() -> None:
     """Distil self-supervised vision teachers into small students that ship in mobile apps.

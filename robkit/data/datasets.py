@@ -28,7 +28,16 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -111,8 +120,11 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return ImageTensorDataset(self.images[idx], self.labels[idx], self.classes, self.name)
 
 
-def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, limit: int | None = None,
-                  ) -> ImageTensorDataset:
+def fashion_mnist(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> ImageTensorDataset:
     """Fashion-MNIST (Xiao et al. 2017): 28×28 grayscale, 10 classes; 60k train / 10k test."""
     if split not in FASHION_MNIST_FILES:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
@@ -145,7 +157,9 @@ class ImageFolder(torch.utils.data.Dataset):
                 files += [(p, ci) for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             self.classes = ()
-        files += [(p, -1) for p in sorted(self.root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        files += [
+            (p, -1) for p in sorted(self.root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        ]
         if not files:
             raise DataError(
                 f"no images found in {self.root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, flat or in "
@@ -195,9 +209,12 @@ class ImageFolder(torch.utils.data.Dataset):
         raise DataError(f"none of the {len(self.files)} images in {self.root} could be read")
 
 
-
-def open_dataset(spec: str | os.PathLike = "fashion-mnist", split: str = "train", limit: int | None = None,
-                 canvas_px: int = 256):
+def open_dataset(
+    spec: str | os.PathLike = "fashion-mnist",
+    split: str = "train",
+    limit: int | None = None,
+    canvas_px: int = 256,
+):
     """``"fashion-mnist"`` (the embedded default), a folder of idx files, or a folder of images."""
     spec_s = str(spec)
     if spec_s in ("fashion-mnist", "fashion_mnist", "fmnist"):

@@ -45,8 +45,16 @@ class CropParams:
     solarize: torch.Tensor  # bool [B]
 
     def index(self, idx: torch.Tensor) -> CropParams:
-        return CropParams(self.boxes[idx], self.flip[idx], self.jitter[idx], self.jitter_on[idx],
-                          self.jitter_order, self.gray[idx], self.blur_sigma[idx], self.solarize[idx])
+        return CropParams(
+            self.boxes[idx],
+            self.flip[idx],
+            self.jitter[idx],
+            self.jitter_on[idx],
+            self.jitter_order,
+            self.gray[idx],
+            self.blur_sigma[idx],
+            self.solarize[idx],
+        )
 
 
 @dataclass
@@ -129,8 +137,15 @@ class MultiCropViews:
         flip = torch.rand(b, generator=g) < self.flip_p
         bj, cj, sj, hj = self.jitter
         u = torch.rand(b, 4, generator=g)
-        jitter = torch.stack([1 - bj + 2 * bj * u[:, 0], 1 - cj + 2 * cj * u[:, 1], 1 - sj + 2 * sj * u[:, 2],
-                              -hj + 2 * hj * u[:, 3]], dim=1)
+        jitter = torch.stack(
+            [
+                1 - bj + 2 * bj * u[:, 0],
+                1 - cj + 2 * cj * u[:, 1],
+                1 - sj + 2 * sj * u[:, 2],
+                -hj + 2 * hj * u[:, 3],
+            ],
+            dim=1,
+        )
         jitter_on = torch.rand(b, generator=g) < self.jitter_p
         order = torch.randperm(4, generator=g)
         gray = torch.rand(b, generator=g) < self.grayscale_p
@@ -168,8 +183,14 @@ class MultiCropViews:
         n = len(crops)
         boxes = torch.cat([cp.boxes for cp in crops], 0)
         idx = torch.arange(b, dtype=boxes.dtype).repeat(n).unsqueeze(1)
-        v = roi_align(x, torch.cat([idx, boxes], 1), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                      aligned=True)  # [n*B, 3, size, size]
+        v = roi_align(
+            x,
+            torch.cat([idx, boxes], 1),
+            output_size=size,
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )  # [n*B, 3, size, size]
         flip = torch.cat([cp.flip for cp in crops])
         v = torch.where(flip.view(-1, 1, 1, 1), v.flip(-1), v)
         views = []
@@ -207,7 +228,7 @@ class MultiCropViews:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +240,9 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    s = torch.where(
+        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
+    )
     return torch.stack([h, s, maxc], 1)
 
 

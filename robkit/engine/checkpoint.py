@@ -122,8 +122,10 @@ def load_student(path_or_obj: str | os.PathLike | dict[str, Any], with_head: boo
     student = build_student(ckpt["student"]["arch"], **ckpt["student"].get("kwargs", {}))
     missing, unexpected = student.backbone.load_state_dict(ckpt["backbone"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match {ckpt['student']['arch']}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"checkpoint does not match {ckpt['student']['arch']}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     student.eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("backbone", "head", "train_state")}
     if with_head:

@@ -15,6 +15,8 @@ import yaml
 from robkit.catalog import CatalogError, registry
 
 SECTIONS = ("views", "loss", "head", "optim", "ema", "train", "rob", "data")
+# Engine settings a recipe need not state, always accepted in the ``train`` section.
+ENGINE_TRAIN_KEYS = ("precision", "channels_last", "compile")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +85,8 @@ def check_overrides(recipe: dict[str, Any], overrides: dict[str, Any], path: str
     for k, v in overrides.items():
         here = f"{path}.{k}" if path else k
         if path == "" and k in open_sections:
+            continue
+        if path == "train" and k in ENGINE_TRAIN_KEYS:
             continue
         if isinstance(recipe, dict) and k not in recipe:
             known = ", ".join(sorted(recipe)) if isinstance(recipe, dict) else ""

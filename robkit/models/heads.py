@@ -46,7 +46,9 @@ def _init_linear(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, use_bn: bool, act: type[nn.Module]) -> nn.Module:
+def _mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, use_bn: bool, act: type[nn.Module]
+) -> nn.Module:
     if nlayers == 1:
         return nn.Linear(in_dim, out_dim)
     layers: list[nn.Module] = []
@@ -83,9 +85,17 @@ class DINOHead(nn.Module):
         l2_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.init_kwargs = {"in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
-                            "bottleneck_dim": bottleneck_dim, "nlayers": nlayers, "use_bn": use_bn,
-                            "norm_last_layer": norm_last_layer, "weight_norm": weight_norm, "l2_norm": l2_norm}
+        self.init_kwargs = {
+            "in_dim": in_dim,
+            "out_dim": out_dim,
+            "hidden_dim": hidden_dim,
+            "bottleneck_dim": bottleneck_dim,
+            "nlayers": nlayers,
+            "use_bn": use_bn,
+            "norm_last_layer": norm_last_layer,
+            "weight_norm": weight_norm,
+            "l2_norm": l2_norm,
+        }
         self.in_dim, self.out_dim = in_dim, out_dim
         self.l2_norm = l2_norm
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn, nn.GELU)
@@ -112,18 +122,30 @@ class iBOTHead(DINOHead):  # noqa: N801 - the method's own spelling
     ``last_layer`` (the released files still list both key groups, with equal values).
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: int | None = None,
-                 shared_head: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        patch_out_dim: int | None = None,
+        shared_head: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__(in_dim, out_dim, **kwargs)
         self.init_kwargs = {**self.init_kwargs, "patch_out_dim": patch_out_dim, "shared_head": shared_head}
-        bottleneck = self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
+        bottleneck = (
+            self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
+        )
         patch_out_dim = patch_out_dim or out_dim
         if shared_head:
             if patch_out_dim != out_dim:
                 raise ValueError("shared_head=True needs patch_out_dim == out_dim")
             self.last_layer2 = self.last_layer
         else:
-            fix_g = not self.last_layer.weight_g.requires_grad if isinstance(self.last_layer, WeightNormLinear) else True
+            fix_g = (
+                not self.last_layer.weight_g.requires_grad
+                if isinstance(self.last_layer, WeightNormLinear)
+                else True
+            )
             self.last_layer2 = WeightNormLinear(bottleneck, patch_out_dim, fix_g=fix_g)
         self.shared_head = shared_head
 
@@ -142,11 +164,24 @@ class SwAVHead(nn.Module):
     ``(embedding [B, out_dim], scores [B, n_prototypes])``.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, n_prototypes: int = 3000,
-                 use_bn: bool = True, normalize: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        n_prototypes: int = 3000,
+        use_bn: bool = True,
+        normalize: bool = True,
+    ) -> None:
         super().__init__()
-        self.init_kwargs = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim,
-                            "n_prototypes": n_prototypes, "use_bn": use_bn, "normalize": normalize}
+        self.init_kwargs = {
+            "in_dim": in_dim,
+            "hidden_dim": hidden_dim,
+            "out_dim": out_dim,
+            "n_prototypes": n_prototypes,
+            "use_bn": use_bn,
+            "normalize": normalize,
+        }
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
         layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else [nn.Identity()]
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
@@ -216,11 +251,22 @@ class MSNHead(nn.Module):
     ``prototypes [K, out_dim]``: ``logits: [B, K]`` in [-1, 1], before the temperature.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, n_prototypes: int = 1024,
-                 use_bn: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        out_dim: int = 256,
+        n_prototypes: int = 1024,
+        use_bn: bool = True,
+    ) -> None:
         super().__init__()
-        self.init_kwargs = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim,
-                            "n_prototypes": n_prototypes, "use_bn": use_bn}
+        self.init_kwargs = {
+            "in_dim": in_dim,
+            "hidden_dim": hidden_dim,
+            "out_dim": out_dim,
+            "n_prototypes": n_prototypes,
+            "use_bn": use_bn,
+        }
         self.fc = _MSNProjector(in_dim, hidden_dim, out_dim, use_bn)
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, out_dim))
         nn.init.uniform_(self.prototypes, -1.0, 1.0)

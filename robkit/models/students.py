@@ -41,7 +41,9 @@ def _torchvision_cnn(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def _timm_vit(arch: str) -> Callable[..., nn.Module]:
-    def build(drop_path_rate: float = 0.0, img_size: int = 224, patch_size: int | None = None, **kw) -> nn.Module:
+    def build(
+        drop_path_rate: float = 0.0, img_size: int = 224, patch_size: int | None = None, **kw
+    ) -> nn.Module:
         extra = {"patch_size": patch_size} if patch_size else {}
         return timm.create_model(
             arch,
@@ -58,7 +60,9 @@ def _timm_vit(arch: str) -> Callable[..., nn.Module]:
 
 
 STUDENTS: dict[str, StudentSpec] = {
-    "mobilenet_v2": StudentSpec(_torchvision_cnn(torchvision.models.mobilenet_v2), 1280, "cnn", "MobileNetV2 1.0"),
+    "mobilenet_v2": StudentSpec(
+        _torchvision_cnn(torchvision.models.mobilenet_v2), 1280, "cnn", "MobileNetV2 1.0"
+    ),
     "mobilenet_v3": StudentSpec(
         _torchvision_cnn(torchvision.models.mobilenet_v3_large), 960, "cnn", "MobileNetV3-Large 1.0"
     ),

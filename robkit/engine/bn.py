@@ -1,0 +1,57 @@
+"""Precise BatchNorm statistics for evaluation and export.
+
+Training updates BatchNorm running statistics with an EMA over crops of several resolutions
+(torchvision's MobileNetV3 uses momentum 0.01), so after a short run, or after multi-crop
+training, the running statistics do not describe full images at the deployment resolution and
+the eval-mode network can even output a constant.  Re-estimating them as an exact average over
+a few thousand clean training images at the global resolution ("precise BN", Wu & Johnson 2021)
+fixes the eval-mode network without touching any learned weight.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from robkit.data.datasets import to_model_input
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def precise_bn(
+    model: nn.Module,
+    images: torch.Tensor,
+    resolution: int,
+    mean,
+    std,
+    batch_size: int = 256,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return ``model`` (a copy unless ``inplace``) with BN running stats averaged over ``images``.
+
+    ``images``: uint8 ``[N, 3, H, W]``; they are resized to ``resolution`` and normalised.
+    """
+    net = model if inplace else copy.deepcopy(model)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or images.shape[0] == 0:
+        return net
+    was_training = net.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = exact mean over the batches seen
+    net.train()
+    device = next(net.parameters()).device
+    for i in range(0, images.shape[0], batch_size):
+        x = to_model_input(images[i : i + batch_size], resolution, mean, std).to(device)
+        if x.shape[0] > 1:
+            net(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    net.train(was_training)
+    return net

@@ -1,0 +1,308 @@
+"""From a resolved recipe to the objects the engine runs: views, heads, objectives, tasks.
+
+Also the Python API behind ``robkit pretrain`` and ``robkit distill`` (``pretrain()`` and
+``distill()``), which the demo and the benchmarks call directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from robkit.data.datasets import open_dataset
+from robkit.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropViews
+from robkit.engine.config import check_overrides, deep_merge, load_recipe, resolve_recipe_name
+from robkit.engine.tasks import DINOTask, MoCoTask, RoBTask, SwAVTask, Task, rob_student_head
+from robkit.engine.trainer import CheckpointMeta, Trainer, TrainOptions
+from robkit.models import heads as H
+from robkit.models.students import STUDENTS, Student, build_student
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dino", "swav", "mocov2")
+SMALL_IMAGE_PX = 64  # data sets whose images are at most this size get the "-small" recipes
+
+
+def build_views(v: dict[str, Any], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> MultiCropViews:
+    kw = {k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()}
+    return MultiCropViews(**kw, mean=tuple(mean), std=tuple(std))
+
+
+def _head_kwargs(head_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in head_cfg.items() if k != "type"}
+
+
+def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], channels_last: bool) -> Task:
+    """DINO, SwAV or MoCo-v2* with the recipe's head and loss keywords."""
+    v, loss_cfg, head_cfg = cfg["views"], dict(cfg["loss"]), cfg["head"]
+    n_global, n_local = v["n_global"], v["n_local"]
+    epochs = cfg["train"]["epochs"]
+    d = student.embed_dim
+    if method == "dino":
+        from robkit.objectives.dino import DINOLoss
+
+        if loss_cfg.get("warmup_teacher_temp_epochs", 0) > epochs:  # a short run: warm up over all of it
+            log.info("teacher-temperature warm-up shortened to the run's %d epochs", epochs)
+            loss_cfg["warmup_teacher_temp_epochs"] = epochs
+
+        head = H.DINOHead(d, **_head_kwargs(head_cfg))
+        loss = DINOLoss(head_cfg["out_dim"], n_global=n_global, n_local=n_local, n_epochs=epochs, **loss_cfg)
+        return DINOTask(
+            student,
+            head,
+            loss,
+            n_global=n_global,
+            freeze_last_layer_epochs=cfg["optim"].get("freeze_last_layer_epochs", 1),
+            channels_last=channels_last,
+        )
+    if method == "swav":
+        from robkit.objectives.swav import SwAVLoss
+
+        head = H.SwAVHead(d, **_head_kwargs(head_cfg))
+        loss = SwAVLoss(
+            head_cfg["n_prototypes"],
+            embed_dim=head_cfg["out_dim"],
+            n_global=n_global,
+            n_local=n_local,
+            **loss_cfg,
+        )
+        return SwAVTask(student, head, loss, cfg["optim"].get("freeze_prototypes_epochs", 1), channels_last)
+    if method == "mocov2":
+        from robkit.objectives.mocov2 import MoCoV2Loss
+
+        if n_global != 2:
+            raise ValueError(
+                f"MoCo-v2* uses exactly 2 global views (key + query), got views.n_global={n_global}"
+            )
+        head = H.MLPHead(
+            [d, head_cfg["hidden_dim"], head_cfg["out_dim"]], use_bn=head_cfg.get("use_bn", False)
+        )
+        loss_cfg["dim"] = head_cfg["out_dim"]  # the loss works on the head's output
+        loss = MoCoV2Loss(n_local=n_local, **loss_cfg)
+        return MoCoTask(
+            student,
+            head,
+            loss,
+            key_momentum=cfg["ema"].get("key_momentum", 0.999),
+            channels_last=channels_last,
+        )
+    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+HEAD_FAMILIES = {"DINOHead": "dino", "iBOTHead": "ibot", "SwAVHead": "swav", "MSNHead": "msn"}
+
+
+def teacher_head_family(teacher) -> str:
+    """The RoB loss family of a teacher: its own family, or for a robkit teacher its head's."""
+    fam = getattr(teacher, "family", "")
+    if fam in ("dino", "ibot", "msn", "swav"):
+        return fam
+    head_type = getattr(teacher, "head_type", None) or type(getattr(teacher, "head", None)).__name__
+    if head_type in HEAD_FAMILIES:
+        return HEAD_FAMILIES[head_type]
+    raise ValueError(
+        f"teacher {getattr(teacher, 'name', '?')!r} has no prototype head (head type {head_type!r}); RoB "
+        "distils a distribution over prototypes, so the teacher needs a DINO, iBOT, MSN or SwAV head "
+        "(train one with `robkit pretrain --method dino` or `--method swav`)."
+    )
+
+
+def build_rob_task(
+    teacher,
+    family: str,
+    student: Student,
+    cfg: dict[str, Any],
+    channels_last: bool,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> RoBTask:
+    from robkit.objectives.rob import build_rob_loss
+
+    v, rob = cfg["views"], cfg.get("rob", {})
+    head_cfg = dict(cfg["head"])
+    head_type = head_cfg.pop("type", "teacher")
+    k = int(teacher.num_prototypes)
+    head = rob_student_head(family, student.embed_dim, k, head_type=head_type, **head_cfg)
+    loss = build_rob_loss(family, n_teacher_crops=v["n_global"], **cfg["loss"])
+    return RoBTask(
+        student,
+        head,
+        loss,
+        teacher,
+        family,
+        n_global=v["n_global"],
+        student_mean=mean,
+        student_std=std,
+        mask_ratio_range=tuple(rob.get("mask_ratio_range", (0.1, 0.5))),
+        mask_p_zero=rob.get("mask_p_zero", 0.5),
+        patch_drop=rob.get("patch_drop", 0.0),
+        channels_last=channels_last,
+    )
+
+
+def resolve_config(
+    method: str, student_arch: str, recipe: str, overrides: dict[str, Any], small_images: bool
+) -> dict[str, Any]:
+    kind = STUDENTS[student_arch].kind if student_arch in STUDENTS else "cnn"
+    name = None
+    if small_images and not recipe.endswith("-small"):
+        try:
+            name = resolve_recipe_name(f"{recipe}-small", method, kind)
+        except KeyError:
+            name = None
+    name = name or resolve_recipe_name(recipe, method, kind)
+    base = load_recipe(name)
+    check_overrides(base, overrides)
+    return deep_merge(base, overrides)
+
+
+def _dataset(data, limit: int | None):
+    """A data-set spec (see ``open_dataset``) or an already built data set."""
+    if isinstance(data, (str, Path)):
+        return open_dataset(data, "train", limit=limit)
+    return data
+
+
+def _run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
+    out_dir = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out_dir / "checkpoint.pt").exists() and not resume:
+        raise FileExistsError(
+            f"{out_dir} already holds a run (checkpoint.pt). Continue it with --resume, or choose another --out."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _options(cfg: dict[str, Any], out_dir: Path, engine: dict[str, Any]) -> TrainOptions:
+    t = cfg["train"]
+    return TrainOptions(
+        out_dir=out_dir,
+        epochs=int(t["epochs"]),
+        batch_size=int(t["batch_size"]),
+        precision=t.get("precision", "auto"),
+        channels_last=t.get("channels_last", True),
+        compile=t.get("compile", False),
+        **engine,
+    )
+
+
+def pretrain(
+    method: str = "dino",
+    student: str = "mobilenet_v3_small",
+    recipe: str = "sslight",
+    data: str = "fashion-mnist",
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    data_limit: int | None = None,
+    **engine: Any,
+) -> tuple[dict[str, Any], Path]:
+    """Self-supervised pre-training without a teacher (SSLight). Returns ``(metrics, run folder)``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    ds = _dataset(data, data_limit)
+    small = getattr(ds, "canvas_px", 256) <= SMALL_IMAGE_PX
+    cfg = resolve_config(method, student, recipe, overrides or {}, small)
+    out_dir = _run_dir(out, f"{method}-{student}", resume)
+    torch.manual_seed(engine.get("seed", 0))  # the same seed gives the same initial weights
+    net = build_student(
+        student,
+        **(
+            {"drop_path_rate": cfg["train"]["drop_path"]}
+            if STUDENTS[student].kind == "vit" and cfg["train"].get("drop_path")
+            else {}
+        ),
+    )
+    task = build_pretrain_task(method, net, cfg, channels_last=cfg["train"].get("channels_last", True))
+    return _fit(task, cfg, ds, data, out_dir, "pretrain", None, resume, engine)
+
+
+def distill(
+    teacher: str,
+    student: str = "mobilenet_v3_small",
+    recipe: str = "auto",
+    data: str = "fashion-mnist",
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    data_limit: int | None = None,
+    teacher_obj=None,
+    **engine: Any,
+) -> tuple[dict[str, Any], Path]:
+    """RoB distillation from a frozen teacher (zoo name, teacher file or robkit checkpoint)."""
+    from robkit import teachers as zoo
+
+    tch = teacher_obj if teacher_obj is not None else zoo.load(teacher)
+    family = teacher_head_family(tch)
+    ds = _dataset(data, data_limit)
+    small = getattr(ds, "canvas_px", 256) <= SMALL_IMAGE_PX
+    cfg = resolve_config(
+        "rob", student, f"rob-{family}" if recipe == "auto" else recipe, overrides or {}, small
+    )
+    if cfg.get("teacher_family") and cfg["teacher_family"] != family:
+        log.warning(
+            "recipe %s was written for %s teachers; the teacher is a %s teacher",
+            cfg["name"],
+            cfg["teacher_family"],
+            family,
+        )
+    out_dir = _run_dir(out, f"rob-{family}-{student}", resume)
+    torch.manual_seed(engine.get("seed", 0))
+    net = build_student(
+        student,
+        **(
+            {"drop_path_rate": cfg["train"]["drop_path"]}
+            if STUDENTS[student].kind == "vit" and cfg["train"].get("drop_path")
+            else {}
+        ),
+    )
+    task = build_rob_task(tch, family, net, cfg, channels_last=cfg["train"].get("channels_last", True))
+    teacher_rec = {
+        "name": getattr(tch, "name", str(teacher)),
+        "sha256": getattr(tch, "sha256", None),
+        "family": family,
+    }
+    return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine)
+
+
+def _spec(data) -> str:
+    return str(data) if isinstance(data, (str, Path)) else getattr(data, "name", type(data).__name__)
+
+
+def _fit(
+    task: Task,
+    cfg: dict[str, Any],
+    ds,
+    data: str,
+    out_dir: Path,
+    kind: str,
+    teacher_rec,
+    resume: bool,
+    engine: dict[str, Any],
+) -> tuple[dict[str, Any], Path]:
+    views = build_views(cfg["views"])
+    with open(out_dir / "config.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(
+            {**cfg, "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
+            f,
+            sort_keys=False,
+        )
+    student = task.student
+    meta = CheckpointMeta(
+        kind=kind,
+        method=task.method,
+        student={"arch": student.arch, "kwargs": student.build_kwargs},
+        config=cfg,
+        normalization={"mean": list(views.mean), "std": list(views.std)},
+        resolution=int(cfg["views"]["global_size_px"]),
+        teacher=teacher_rec,
+        data={"spec": _spec(data), "images": len(ds), "name": getattr(ds, "name", _spec(data))},
+    )
+    trainer = Trainer(task, views, ds, cfg["optim"], cfg.get("ema", {}), _options(cfg, out_dir, engine), meta)
+    metrics = trainer.fit(resume=resume)
+    return metrics, out_dir

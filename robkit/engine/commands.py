@@ -1,0 +1,280 @@
+"""``robkit pretrain``, ``robkit distill`` and ``robkit recipes``: thin click commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from robkit.catalog import CatalogError, registry
+from robkit.engine.config import load_recipe, parse_overrides
+from robkit.models.students import STUDENTS
+
+
+def _engine_options(f):
+    opts = [
+        click.option(
+            "--data",
+            default="fashion-mnist",
+            show_default=True,
+            help="'fashion-mnist' (embedded default), a folder of images (flat or class sub-folders), "
+            "or a folder of idx files.",
+        ),
+        click.option("--epochs", type=int, default=None, help="Override train.epochs."),
+        click.option("--batch-size", type=int, default=None, help="Global batch size (train.batch_size)."),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Run folder (default runs/<method>-<student>-<time>).",
+        ),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Override any recipe field, e.g. --set optim.base_lr=0.3 --set views.n_local=4.",
+        ),
+        click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly."),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default=None,
+            help="Mixed precision (auto: bf16 where the CPU/GPU runs it natively).",
+        ),
+        click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the student."),
+        click.option(
+            "--channels-last/--no-channels-last", default=None, help="channels_last memory for CNNs."
+        ),
+        click.option(
+            "--workers", type=int, default=0, show_default=True, help="Data-loading worker processes."
+        ),
+        click.option(
+            "--checkpoint-every",
+            type=int,
+            default=200,
+            show_default=True,
+            help="Also checkpoint every N steps (0: only at epoch ends).",
+        ),
+        click.option("--max-steps", type=int, default=None, help="Stop after this many steps (resumable)."),
+        click.option(
+            "--time-budget", type=float, default=None, help="Stop after this many minutes (resumable)."
+        ),
+        click.option("--data-limit", type=int, default=None, help="Use only the first N training images."),
+        click.option(
+            "--eval/--no-eval",
+            "do_eval",
+            default=True,
+            show_default=True,
+            help="kNN-evaluate the student at the end (labelled data only).",
+        ),
+        click.option("--eval-limit", type=int, default=None, help="Images per split for the final kNN."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _overrides(epochs, batch_size, sets, precision, compile_, channels_last) -> dict:
+    ov = parse_overrides(list(sets))
+    train = ov.setdefault("train", {})
+    for key, val in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("precision", precision),
+        ("compile", compile_),
+        ("channels_last", channels_last),
+    ):
+        if val is not None:
+            train[key] = val
+    return ov
+
+
+def _engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quiet) -> dict:
+    return {
+        "num_workers": workers,
+        "checkpoint_every_steps": checkpoint_every,
+        "max_steps": max_steps,
+        "max_seconds": time_budget * 60 if time_budget else None,
+        "seed": seed,
+        "progress": not quiet,
+    }
+
+
+def _finish(metrics: dict, out_dir: Path, data: str, do_eval: bool, eval_limit: int | None) -> None:
+    ckpt = out_dir / "checkpoint.pt"
+    if do_eval and metrics.get("finished"):
+        try:
+            from robkit.evaluation import evaluate
+
+            res = evaluate(
+                str(ckpt), data=data, which=("knn",), train_limit=eval_limit, test_limit=eval_limit
+            )
+            metrics["knn_accuracy"] = res["knn"]["accuracy"]
+            (out_dir / "eval.json").write_text(json.dumps(res, indent=2))
+        except (ValueError, RuntimeError, ImportError) as e:  # e.g. a folder without labels
+            click.echo(f"(no kNN evaluation: {e})", err=True)
+    click.echo(json.dumps({k: v for k, v in metrics.items()}, default=str))
+    click.echo(f"\nRun folder: {out_dir}  (checkpoint.pt, metrics.csv, curves.png, config.yaml)")
+    if not metrics.get("finished"):
+        click.echo(f"Stopped before the end; continue with the same command plus --resume --out {out_dir}")
+    click.echo("Next:")
+    click.echo(f"  robkit eval linear {ckpt} --data {data}")
+    click.echo(f"  robkit export {ckpt} --format tflite")
+
+
+def _run(fn, **kw):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return fn(**kw)
+    except (CatalogError, ValueError, FileExistsError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.command()
+@click.option("--method", type=click.Choice(["dino", "swav", "mocov2"]), default="dino", show_default=True)
+@click.option(
+    "--student", type=click.Choice(sorted(STUDENTS)), default="mobilenet_v3_small", show_default=True
+)
+@click.option(
+    "--recipe",
+    default="sslight",
+    show_default=True,
+    help="'sslight' or 'baseline' (picked per method and student), or a full recipe name.",
+)
+@_engine_options
+def pretrain(
+    method,
+    student,
+    recipe,
+    data,
+    epochs,
+    batch_size,
+    out,
+    sets,
+    resume,
+    precision,
+    compile_,
+    channels_last,
+    workers,
+    checkpoint_every,
+    max_steps,
+    time_budget,
+    data_limit,
+    do_eval,
+    eval_limit,
+    seed,
+    quiet,
+):
+    """Self-supervised pre-training of a small student without a teacher (SSLight)."""
+    from robkit.engine.build import pretrain as run
+
+    metrics, out_dir = _run(
+        run,
+        method=method,
+        student=student,
+        recipe=recipe,
+        data=data,
+        out=out,
+        overrides=_overrides(epochs, batch_size, sets, precision, compile_, channels_last),
+        resume=resume,
+        data_limit=data_limit,
+        **_engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quiet),
+    )
+    _finish(metrics, out_dir, data, do_eval, eval_limit)
+
+
+@click.command()
+@click.option(
+    "--teacher",
+    required=True,
+    help="Zoo name (robkit teachers list), an official checkpoint file, or a robkit checkpoint.",
+)
+@click.option(
+    "--student", type=click.Choice(sorted(STUDENTS)), default="mobilenet_v3_small", show_default=True
+)
+@click.option(
+    "--recipe",
+    default="auto",
+    show_default=True,
+    help="'auto' picks rob-<teacher family> (its -small variant on small images), or a recipe name.",
+)
+@_engine_options
+def distill(
+    teacher,
+    student,
+    recipe,
+    data,
+    epochs,
+    batch_size,
+    out,
+    sets,
+    resume,
+    precision,
+    compile_,
+    channels_last,
+    workers,
+    checkpoint_every,
+    max_steps,
+    time_budget,
+    data_limit,
+    do_eval,
+    eval_limit,
+    seed,
+    quiet,
+):
+    """RoB distillation: a frozen self-supervised teacher replaces one branch."""
+    from robkit.engine.build import distill as run
+
+    metrics, out_dir = _run(
+        run,
+        teacher=teacher,
+        student=student,
+        recipe=recipe,
+        data=data,
+        out=out,
+        overrides=_overrides(epochs, batch_size, sets, precision, compile_, channels_last),
+        resume=resume,
+        data_limit=data_limit,
+        **_engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quiet),
+    )
+    _finish(metrics, out_dir, data, do_eval, eval_limit)
+
+
+@click.group()
+def recipes():
+    """The training recipes (the papers' settings as data)."""
+
+
+@recipes.command("list")
+@click.argument("pattern", default="*")
+def recipes_list(pattern):
+    """List recipes, optionally filtered by a wildcard PATTERN (e.g. 'rob-*')."""
+    reg = registry("recipes")
+    names = reg.names(pattern)
+    if not names:
+        raise click.ClickException(
+            f"no recipe matches {pattern!r}; `robkit recipes list` shows all {len(reg)}"
+        )
+    width = max(len(n) for n in names)
+    for n in names:
+        r = load_recipe(n)
+        v = r["views"]
+        views = f"{v['n_global']}x{v['global_size_px']}+{v['n_local']}x{v['local_size_px']}"
+        click.echo(f"{n:<{width}}  {r.get('method', ''):<7} {views:<12} {r.get('description', '')}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print the fully resolved recipe NAME as YAML."""
+    try:
+        click.echo(yaml.safe_dump(load_recipe(name), sort_keys=False))
+    except CatalogError as e:
+        raise click.ClickException(str(e)) from e

@@ -1,0 +1,456 @@
+"""The one training loop every method runs on (SSLight pre-training and RoB distillation).
+
+Mixed precision (bf16 autocast on CPUs with native bf16, bf16/fp16 on CUDA), channels_last,
+optional ``torch.compile``, DistributedDataParallel through ``torchrun``, atomic checkpoints
+every N steps and each epoch, exact ``--resume``, a progress bar with images/s and ETA,
+CSV/TensorBoard logs and a curve plot, and a NaN guard that keeps the last good checkpoint.
+
+Determinism: the epoch's image order comes from ``(seed, epoch)``, each step's view
+parameters and task randomness from ``(seed, global step)``, so a resumed run draws exactly
+what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from robkit.data.datasets import ImageTensorDataset
+from robkit.data.views import MultiCropViews
+from robkit.engine import distributed as dist_utils
+from robkit.engine.bn import has_batchnorm, precise_bn
+from robkit.engine.checkpoint import atomic_save, make_checkpoint, safe_load
+from robkit.engine.hardware import autocast_dtype, resolve_precision
+from robkit.engine.optim import build_optimizer, param_groups
+from robkit.engine.runlog import RunLog
+from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch
+from robkit.engine.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainOptions:
+    """Engine settings that are not part of a recipe's science."""
+
+    out_dir: Path
+    epochs: int
+    batch_size: int  # global batch (all processes together)
+    seed: int = 0
+    precision: str = "auto"
+    precise_bn_images: int = 2048  # images to re-estimate BatchNorm statistics at epoch ends (0: off)
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 0
+    checkpoint_every_steps: int = 200
+    max_steps: int | None = None  # stop early (budgeted runs, tests); the schedule still spans `epochs`
+    max_seconds: float | None = None  # stop at the first step boundary after this wall time
+    progress: bool = True
+    tensorboard: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint records about the run besides weights."""
+
+    kind: str
+    method: str
+    student: dict[str, Any]
+    config: dict[str, Any]
+    normalization: dict[str, Any]
+    resolution: int
+    teacher: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class _HWDataset(torch.utils.data.Dataset):
+    """Adapter yielding ``(canvas, (h, w), newly skipped files)`` from any robkit data set."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        if hasattr(self.ds, "get_with_hw"):
+            before = set(self.ds.skipped)
+            img, _, hw = self.ds.get_with_hw(i)
+            return img, torch.tensor(hw), [str(p) for p in set(self.ds.skipped) - before]
+        img, _ = self.ds[i]
+        return img, torch.tensor([img.shape[-2], img.shape[-1]]), []
+
+
+def _collate(items):
+    imgs = torch.stack([it[0] for it in items])
+    hw = torch.stack([it[1] for it in items])
+    skipped = [p for it in items for p in it[2]]
+    return imgs, hw, skipped
+
+
+class Trainer:
+    """Runs a ``Task`` over a data set with a ``MultiCropViews`` sampler and a recipe's optimiser."""
+
+    def __init__(
+        self,
+        task: Task,
+        views: MultiCropViews,
+        dataset,
+        optim_cfg: dict[str, Any],
+        ema_cfg: dict[str, Any],
+        opts: TrainOptions,
+        meta: CheckpointMeta,
+    ) -> None:
+        self.task, self.views, self.dataset = task, views, dataset
+        self.optim_cfg, self.ema_cfg, self.opts, self.meta = optim_cfg, ema_cfg, opts, meta
+        self.out_dir = Path(opts.out_dir)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        if opts.batch_size % self.world:
+            raise ValueError(f"batch size {opts.batch_size} is not divisible by the {self.world} processes")
+        self.local_batch = opts.batch_size // self.world
+        self.steps_per_epoch = len(dataset) // opts.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the data set has {len(dataset)} images, fewer than one batch of {opts.batch_size}; "
+                "lower --batch-size or use more images"
+            )
+        self.total_steps = self.steps_per_epoch * opts.epochs
+        dev = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and self.world > 1:
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.device = torch.device(dev)
+        self.precision = resolve_precision(opts.precision, self.device)
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+
+    # ----------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        task, cfg = self.task, self.optim_cfg
+        task.to(self.device)
+        if self.opts.channels_last and not task.student.is_vit:
+            task.to(memory_format=torch.channels_last)
+        if self.opts.compile:
+            task.online.student.compile()
+        if self.world > 1:
+            ddp = nn.parallel.DistributedDataParallel(
+                task.online, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            task.wrap_online(ddp)
+        groups = param_groups(
+            task.online,
+            weight_decay=cfg.get("weight_decay", 0.0),
+            exclude_depthwise_from_lars=cfg.get("exclude_depthwise_from_lars", True),
+        )
+        base_lr = lr_for_batch(cfg["base_lr"], self.opts.batch_size)
+        self.optimizer = build_optimizer(
+            cfg["name"],
+            groups,
+            lr=base_lr,
+            weight_decay=cfg.get("weight_decay", 0.0),
+            momentum=cfg.get("momentum", 0.9),
+            **(
+                {"trust_coefficient": cfg["trust_coefficient"]}
+                if cfg["name"] == "lars" and "trust_coefficient" in cfg
+                else {}
+            ),
+        )
+        spe, total = self.steps_per_epoch, self.total_steps
+        warm = min(int(round(cfg.get("warmup_epochs", 0) * spe)), total // 2)  # short runs: half at most
+        self.lr_sched = cosine_schedule(
+            base_lr,
+            cfg.get("min_lr", 0.0),
+            total,
+            warm,
+            lr_for_batch(cfg.get("start_warmup_lr", 0.0), self.opts.batch_size),
+        )
+        wd0 = cfg.get("weight_decay", 0.0)
+        self.wd_sched = cosine_schedule(wd0, cfg.get("weight_decay_end", wd0), total)
+        m0 = self.ema_cfg.get("momentum", 0.0)
+        self.ema_sched = cosine_schedule(m0, self.ema_cfg.get("momentum_end", m0), total)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+    def _checkpoint(
+        self,
+        epoch: int,
+        step_in_epoch: int,
+        global_step: int,
+        metrics: dict[str, Any],
+        final: bool = False,
+        at_end: bool = False,
+    ) -> Path | None:
+        if self.rank != 0:
+            return None
+        task, meta = self.task, self.meta
+        head = task.online.head
+        head_rec = None
+        if hasattr(head, "init_kwargs"):
+            head_rec = {
+                "type": type(head).__name__,
+                "kwargs": head.init_kwargs,
+                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+            }
+        backbone = task.eval_backbone()
+        if self.opts.precise_bn_images and has_batchnorm(backbone) and (step_in_epoch == 0 or at_end):
+            backbone = self._precise_bn(backbone)
+        state = {
+            "task": {k: v.detach().cpu() for k, v in task.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "rng": torch.get_rng_state(),
+            "world_size": self.world,
+            "batch_size": self.opts.batch_size,
+        }
+        ckpt = make_checkpoint(
+            kind=meta.kind,
+            method=task.method,
+            student=meta.student,
+            backbone={k: v.detach().cpu() for k, v in backbone.backbone.state_dict().items()},
+            head=head_rec,
+            teacher=meta.teacher,
+            normalization=meta.normalization,
+            resolution=meta.resolution,
+            config=meta.config,
+            data=meta.data,
+            metrics=metrics,
+            progress={
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": global_step,
+                "total_steps": self.total_steps,
+                "finished": final,
+            },
+            train_state=state,
+        )
+        return atomic_save(ckpt, self.ckpt_path)
+
+    def _precise_bn(self, backbone: nn.Module) -> nn.Module:
+        """A copy of the eval network with BatchNorm statistics of clean images at the global size."""
+        n = min(self.opts.precise_bn_images, len(self.dataset))
+        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.opts.seed))[:n]
+        if isinstance(self.dataset, ImageTensorDataset):
+            imgs = self.dataset.images[idx]
+            imgs = imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs
+        else:
+            imgs = torch.stack([self.dataset[int(i)][0] for i in idx])
+        return precise_bn(
+            backbone,
+            imgs,
+            self.meta.resolution,
+            self.meta.normalization["mean"],
+            self.meta.normalization["std"],
+        )
+
+    def _resume(self) -> tuple[int, int, int]:
+        ckpt = safe_load(self.ckpt_path, map_location="cpu")
+        st = ckpt["train_state"]
+        if st["batch_size"] != self.opts.batch_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint used batch size {st['batch_size']}, "
+                f"this run {self.opts.batch_size}; resume with the same settings"
+            )
+        self.task.load_state_dict(st["task"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["rng"])
+        log.info("resumed from %s at epoch %d step %d", self.ckpt_path, st["epoch"], st["step_in_epoch"])
+        return st["epoch"], st["step_in_epoch"], st["global_step"]
+
+    # ----------------------------------------------------------------- data
+    def _epoch_batches(self, epoch: int, start_step: int):
+        """Yield ``(uint8 images, valid_hw)`` of this process's share of each global batch."""
+        g = torch.Generator().manual_seed(_mix_seed(self.opts.seed, epoch, 17))
+        perm = torch.randperm(len(self.dataset), generator=g)[: self.steps_per_epoch * self.opts.batch_size]
+        batches = perm.view(self.steps_per_epoch, self.opts.batch_size)[start_step:]
+        batches = batches[:, self.rank :: self.world]  # this rank's rows of every global batch
+        if isinstance(self.dataset, ImageTensorDataset):
+            imgs = self.dataset.images
+            full = torch.tensor([imgs.shape[-2], imgs.shape[-1]])
+            for idx in batches:
+                x = imgs[idx]
+                yield (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x), full.expand(len(idx), 2)
+            return
+        loader = torch.utils.data.DataLoader(
+            _HWDataset(self.dataset),
+            batch_sampler=batches.tolist(),
+            num_workers=self.opts.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if self.opts.num_workers else None,
+        )
+        for imgs, hw, skipped in loader:
+            for p in skipped:
+                self.skipped.add(p)
+            yield imgs, hw
+
+    # ----------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        self._build()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.skipped: set[str] = set()
+        epoch, step0, gstep = 0, 0, 0
+        if resume:
+            if not self.ckpt_path.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
+            epoch, step0, gstep = self._resume()
+            if step0 >= self.steps_per_epoch:
+                epoch, step0 = epoch + 1, 0
+        runlog = (
+            RunLog(
+                self.out_dir,
+                resume_step=gstep if resume else None,
+                tensorboard=self.opts.tensorboard and self.rank == 0,
+            )
+            if self.rank == 0
+            else None
+        )
+        amp = autocast_dtype(self.precision)
+        limit = self.opts.max_steps if self.opts.max_steps is not None else self.total_steps
+        bar = tqdm(
+            total=min(limit, self.total_steps) * self.opts.batch_size,
+            initial=gstep * self.opts.batch_size,
+            unit="img",
+            unit_scale=True,
+            dynamic_ncols=True,
+            disable=not self.opts.progress or self.rank != 0,
+            desc=f"{self.task.method} {self.meta.student['arch']}",
+        )
+        t_start = time.time()
+        last_loss = float("nan")
+        stopped_early = False
+        metrics: dict[str, Any] = {}
+        self.task.train()
+        while epoch < self.opts.epochs and not stopped_early:
+            t_epoch, n_img = time.time(), 0
+            for step_in_epoch, (imgs, hw) in enumerate(self._epoch_batches(epoch, step0), start=step0):
+                if gstep >= limit or (
+                    self.opts.max_seconds and time.time() - t_start > self.opts.max_seconds
+                ):
+                    stopped_early = True
+                    break
+                t0 = time.time()
+                loss, parts = self._step(imgs, hw, epoch, gstep, amp)
+                gstep += 1
+                dt = time.time() - t0
+                n_img += imgs.shape[0] * self.world
+                last_loss = float(loss)
+                row = {
+                    "step": gstep,
+                    "epoch": epoch,
+                    "loss": last_loss,
+                    **{f"loss_{k.removeprefix('loss_')}": float(v) for k, v in parts.items() if "loss" in k},
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "wd": self.optimizer.param_groups[0]["weight_decay"],
+                    "img_per_s": imgs.shape[0] * self.world / max(dt, 1e-9),
+                }
+                if runlog is not None:
+                    runlog.add(row)
+                bar.update(imgs.shape[0] * self.world)
+                bar.set_postfix(ep=epoch, loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
+                if self.opts.checkpoint_every_steps and gstep % self.opts.checkpoint_every_steps == 0:
+                    self._checkpoint(epoch, step_in_epoch + 1, gstep, metrics)
+            else:
+                step0 = 0
+                metrics = {
+                    "epoch": epoch + 1,
+                    "loss": last_loss,
+                    "img_per_s": n_img / max(time.time() - t_epoch, 1e-9),
+                }
+                self._checkpoint(epoch + 1, 0, gstep, metrics)
+                if runlog is not None:
+                    runlog.plot(title=f"{self.task.method} · {self.meta.student['arch']}")
+                epoch += 1
+                continue
+            # stopped early inside an epoch: keep an exact resume point
+            self._checkpoint(epoch, step_in_epoch, gstep, metrics)
+        bar.close()
+        if self.skipped:
+            log.warning(
+                "skipped %d unreadable image(s); first: %s", len(self.skipped), sorted(self.skipped)[0]
+            )
+        elapsed = time.time() - t_start
+        finished = epoch >= self.opts.epochs
+        metrics = {
+            **metrics,
+            "loss": last_loss,
+            "global_step": gstep,
+            "seconds": round(elapsed, 1),
+            "skipped_images": len(self.skipped),
+            "finished": finished,
+        }
+        self._checkpoint(epoch, 0 if finished else step_in_epoch, gstep, metrics, final=finished, at_end=True)
+        if runlog is not None:
+            runlog.plot(title=f"{self.task.method} · {self.meta.student['arch']}")
+            runlog.close()
+        return metrics
+
+    def _step(self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp):
+        g = torch.Generator().manual_seed(_mix_seed(self.opts.seed, gstep, 29))
+        self.task.reseed(_mix_seed(self.opts.seed, gstep, self.rank, 31))
+        with torch.no_grad():
+            # Draw the view parameters of the whole global batch and keep this process's rows, so a
+            # run on N processes sees exactly the views a single process would.
+            hw_all = torch.full((self.opts.batch_size, 2), imgs.shape[-1], dtype=torch.long)
+            rows = torch.arange(self.rank, self.opts.batch_size, self.world)
+            hw_all[rows] = hw.long()
+            params = self.views.sample(hw_all, g)
+            if self.world > 1:
+                params.crops = [cp.index(rows) for cp in params.crops]
+            views = self.views.render(imgs, params)
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        for i, pg in enumerate(self.optimizer.param_groups):
+            pg["lr"] = float(self.lr_sched[gstep])
+            pg["weight_decay"] = float(self.wd_sched[gstep]) * pg.get("wd_factor", 1.0)
+            del i
+        ctx = torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with ctx:
+            loss, parts = self.task(views, epoch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {float(loss)} at epoch {epoch}, step {gstep}. The last good checkpoint is "
+                f"{self.ckpt_path} (continue with --resume). Try a lower optim.base_lr, optim.clip_grad=3.0, "
+                "or train.precision=fp32."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = self.optim_cfg.get("clip_grad", 0.0)
+        if clip:
+            clip_gradients(self.task.online, clip)
+        self.task.before_optimizer_step(epoch)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.task.after_optimizer_step(float(self.ema_sched[gstep]))
+        return loss.detach(), {
+            k: (float(v) if not isinstance(v, float) else v)
+            for k, v in parts.items()
+            if not (isinstance(v, float) and math.isnan(v))
+        }
