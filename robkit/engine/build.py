@@ -141,8 +141,18 @@ def build_rob_task(
         mask_ratio_range=tuple(rob.get("mask_ratio_range", (0.1, 0.5))),
         mask_p_zero=rob.get("mask_p_zero", 0.5),
         patch_drop=rob.get("patch_drop", 0.0),
+        teacher_resolution=_teacher_resolution(rob.get("teacher_resolution", "native"), v),
         channels_last=channels_last,
     )
+
+
+def _teacher_resolution(setting, views_cfg: dict[str, Any]) -> int | None:
+    """``native`` (the teacher's own resolution), ``student`` (the global crops' size) or pixels."""
+    if setting in (None, "native"):
+        return None
+    if setting == "student":
+        return int(views_cfg["global_size_px"])
+    return int(setting)
 
 
 def resolve_config(

@@ -1,7 +1,8 @@
 """Recipes (the papers' settings as YAML data) resolved into one run configuration.
 
 A recipe record has sections ``views``, ``loss``, ``head``, ``optim``, ``ema``, ``train``
-(and ``rob`` for distillation); ``extends: OTHER`` deep-merges another recipe underneath.
+(and ``rob`` for distillation); ``extends: OTHER`` deep-merges another recipe underneath
+(a section with ``_replace: true`` replaces the inherited one instead of merging into it).
 Any field can be overridden from the command line as ``section.key=value`` (YAML-parsed).
 """
 
@@ -22,7 +23,9 @@ ENGINE_TRAIN_KEYS = ("precision", "channels_last", "compile")
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and v.get("_replace"):  # `_replace: true` swaps the whole section
+            out[k] = {kk: copy.deepcopy(vv) for kk, vv in v.items() if kk != "_replace"}
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

@@ -241,7 +241,9 @@ class MoCoTask(Task):
 # ---------------------------------------------------------------------------------------- RoB
 
 
-def teacher_input(views: list[torch.Tensor], student_mean, student_std, teacher) -> torch.Tensor:
+def teacher_input(
+    views: list[torch.Tensor], student_mean, student_std, teacher, resolution: int | None = None
+) -> torch.Tensor:
     """The student's global views re-normalised (and resized) for the teacher: identical views."""
     x = torch.cat(views)
     sm = torch.as_tensor(student_mean, dtype=x.dtype).view(1, 3, 1, 1)
@@ -250,7 +252,7 @@ def teacher_input(views: list[torch.Tensor], student_mean, student_std, teacher)
     ts = torch.as_tensor(teacher.std, dtype=x.dtype).view(1, 3, 1, 1)
     if not (torch.equal(sm, tm) and torch.equal(ss, ts)):
         x = (x * ss + sm - tm) / ts
-    res = int(getattr(teacher, "resolution", x.shape[-1]) or x.shape[-1])
+    res = int(resolution or getattr(teacher, "resolution", 0) or x.shape[-1])
     if x.shape[-1] != res:
         x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -318,11 +320,13 @@ class RoBTask(Task):
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         mask_p_zero: float = 0.5,
         patch_drop: float = 0.0,
+        teacher_resolution: int | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.online = Online(student, head, channels_last)
         self.family = family
+        self.teacher_resolution = teacher_resolution
         self.method = f"rob-{family}"
         self.loss = loss
         self.n_global = n_global
@@ -339,7 +343,13 @@ class RoBTask(Task):
         return self.teacher[0]
 
     def teacher_targets(self, views: list[torch.Tensor]):
-        x = teacher_input(views[: self.n_global], self.student_mean, self.student_std, self.frozen_teacher)
+        x = teacher_input(
+            views[: self.n_global],
+            self.student_mean,
+            self.student_std,
+            self.frozen_teacher,
+            self.teacher_resolution,
+        )
         with torch.inference_mode():
             out = self.frozen_teacher(x)
         return out
