@@ -70,12 +70,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_peak(threads: int, cache: Path | None = None) -> float:
-    """Measured fp32 sgemm GFLOP/s at ``threads`` (best of 10, n=1024), cached per CPU and count."""
+def measure_peak(threads: int, cache: Path | None = None, refresh: bool = False) -> float:
+    """Measured fp32 sgemm GFLOP/s at ``threads`` (best of 10, n=1024), cached per CPU and count.
+
+    ``refresh`` re-measures (a value cached while other work loaded the machine is too low)."""
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "robkit" / "peak.json"
     key = f"{cpu_name()}|{os.cpu_count()}|{threads}|torch{torch.__version__}"
     data = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key in data:
+    if key in data and not refresh:
         return float(data[key])
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
