@@ -12,7 +12,6 @@ noise hits them equally.  lightly is only needed here: ``pip install lightly``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -83,10 +82,13 @@ def lightly_runner(arch: str, ds, workers: int):
         def __getitem__(self, i):
             return self.tf(Image.fromarray(self.images[i, 0].numpy()).convert("RGB"))
 
-    student_bb = build_student(arch)
-    head = DINOProjectionHead(student_bb.embed_dim, 2048, 256, 4096, batch_norm=True)
-    student = torch.nn.Sequential(student_bb, head)
-    teacher = copy.deepcopy(student)
+    def make():
+        bb = build_student(arch)
+        return torch.nn.Sequential(bb, DINOProjectionHead(bb.embed_dim, 2048, 256, 4096, batch_norm=True))
+
+    student = make()
+    teacher = make()  # lightly's weight-normalised head cannot be deep-copied
+    teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
     crit = DINOLoss(output_dim=4096, warmup_teacher_temp_epochs=2)
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)

@@ -30,8 +30,16 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on CUDA with bf16 or a CPU with native bf16, fp16 on older CUDA, else fp32."""
+def has_depthwise_conv(model: torch.nn.Module | None) -> bool:
+    return model is not None and any(
+        isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules()
+    )
+
+
+def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> str:
+    """``auto`` → bf16 on CUDA with bf16, fp16 on older CUDA; on a CPU, bf16 where it runs natively
+    unless the model is built from depthwise convolutions (MobileNets), whose bf16 kernels train
+    slower than fp32 on CPU (BENCHMARKS.md, training throughput); else fp32."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision != "auto":
@@ -40,7 +48,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() and not has_depthwise_conv(model) else "fp32"
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

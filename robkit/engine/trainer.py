@@ -85,6 +85,21 @@ def _mix_seed(*parts: int) -> int:
     return h
 
 
+def epoch_order(seed: int, epoch: int, n_images: int, batch_size: int) -> torch.Tensor:
+    """Image indices of every global batch of an epoch, ``long [steps, batch_size]``.
+
+    A pure function of ``(seed, epoch)``, so the teacher-target cache replays the same batches.
+    """
+    steps = n_images // batch_size
+    g = torch.Generator().manual_seed(_mix_seed(seed, epoch, 17))
+    return torch.randperm(n_images, generator=g)[: steps * batch_size].view(steps, batch_size)
+
+
+def step_generator(seed: int, global_step: int) -> torch.Generator:
+    """The generator of one step's view parameters (global crops first, then locals)."""
+    return torch.Generator().manual_seed(_mix_seed(seed, global_step, 29))
+
+
 class _HWDataset(torch.utils.data.Dataset):
     """Adapter yielding ``(canvas, (h, w), newly skipped files)`` from any robkit data set."""
 
@@ -122,8 +137,12 @@ class Trainer:
         ema_cfg: dict[str, Any],
         opts: TrainOptions,
         meta: CheckpointMeta,
+        target_source=None,
     ) -> None:
+        """``target_source``: cached teacher targets (``robkit.teachers.cache.CachedTargets``) that
+        replace the global views' parameters and the teacher's outputs of every step."""
         self.task, self.views, self.dataset = task, views, dataset
+        self.target_source = target_source
         self.optim_cfg, self.ema_cfg, self.opts, self.meta = optim_cfg, ema_cfg, opts, meta
         self.out_dir = Path(opts.out_dir)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
@@ -141,7 +160,7 @@ class Trainer:
         if dev == "cuda" and self.world > 1:
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = torch.device(dev)
-        self.precision = resolve_precision(opts.precision, self.device)
+        self.precision = resolve_precision(opts.precision, self.device, task.student)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
 
     # ----------------------------------------------------------------- set-up
@@ -280,9 +299,7 @@ class Trainer:
     # ----------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, start_step: int):
         """Yield ``(uint8 images, valid_hw)`` of this process's share of each global batch."""
-        g = torch.Generator().manual_seed(_mix_seed(self.opts.seed, epoch, 17))
-        perm = torch.randperm(len(self.dataset), generator=g)[: self.steps_per_epoch * self.opts.batch_size]
-        batches = perm.view(self.steps_per_epoch, self.opts.batch_size)[start_step:]
+        batches = epoch_order(self.opts.seed, epoch, len(self.dataset), self.opts.batch_size)[start_step:]
         batches = batches[:, self.rank :: self.world]  # this rank's rows of every global batch
         if isinstance(self.dataset, ImageTensorDataset):
             imgs = self.dataset.images
@@ -407,7 +424,8 @@ class Trainer:
         return metrics
 
     def _step(self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp):
-        g = torch.Generator().manual_seed(_mix_seed(self.opts.seed, gstep, 29))
+        g = step_generator(self.opts.seed, gstep)
+        step_in_epoch = gstep - epoch * self.steps_per_epoch
         self.task.reseed(_mix_seed(self.opts.seed, gstep, self.rank, 31))
         with torch.no_grad():
             # Draw the view parameters of the whole global batch and keep this process's rows, so a
@@ -416,6 +434,8 @@ class Trainer:
             rows = torch.arange(self.rank, self.opts.batch_size, self.world)
             hw_all[rows] = hw.long()
             params = self.views.sample(hw_all, g)
+            if self.target_source is not None:  # replay the cached global views (locals stay fresh)
+                self.target_source.replay_views(epoch, step_in_epoch, params)
             if self.world > 1:
                 params.crops = [cp.index(rows) for cp in params.crops]
             views = self.views.render(imgs, params)
@@ -426,7 +446,11 @@ class Trainer:
             del i
         ctx = torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
-            loss, parts = self.task(views, epoch)
+            if self.target_source is None:
+                loss, parts = self.task(views, epoch)
+            else:
+                t_out = self.target_source.targets(epoch, step_in_epoch, rows, self.device)
+                loss, parts = self.task(views, epoch, teacher_out=t_out)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {float(loss)} at epoch {epoch}, step {gstep}. The last good checkpoint is "

@@ -1,0 +1,344 @@
+"""``robkit demo``: the whole product on the embedded data, offline, resumable.
+
+Stages (each skipped when its output is already complete, so a second invocation reuses them):
+
+1. ``teacher``  — SSLight DINO pre-training of a larger network (ResNet-18) without a teacher;
+2. ``rob``      — RoB distillation of that teacher into ``mobilenet_v3_small``;
+3. ``sslight``  — the same student trained with SSLight and no teacher, same budget;
+4. ``eval``     — kNN and linear probes for all three plus the raw-pixel floor;
+5. ``export``   — the RoB student to TFLite int8, ONNX fp32 and int8, Core ML fp16, with parity;
+6. ``bench``    — latency of the exported files against PyTorch eager;
+7. ``report``   — ``report.md``, ``report.html`` and PNG figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+STUDENT = "mobilenet_v3_small"
+TEACHER_ARCH = "resnet18"
+EXPORT_TARGETS = ("android-tflite-int8", "onnx-fp32", "onnx-int8-cpu", "ios-coreml-fp16")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training steps per run and evaluation sizes of one demo budget."""
+
+    steps: int
+    data_limit: int | None
+    eval_train: int | None
+    eval_test: int | None
+    linear_epochs: int
+    bench_rounds: int
+    parity_images: int
+    calibration_images: int
+    batch_size: int = 256
+
+
+BUDGETS = {
+    # seconds, for the test suite: a handful of images, every stage still runs
+    "tiny": Budget(
+        steps=2,
+        data_limit=64,
+        eval_train=200,
+        eval_test=100,
+        linear_epochs=5,
+        bench_rounds=3,
+        parity_images=16,
+        calibration_images=16,
+        batch_size=16,
+    ),
+    # under 10 minutes on 2 CPU cores
+    "small": Budget(
+        steps=40,
+        data_limit=None,
+        eval_train=10000,
+        eval_test=2000,
+        linear_epochs=50,
+        bench_rounds=30,
+        parity_images=64,
+        calibration_images=64,
+    ),
+    # about an hour or two on 2 CPU cores: 5 epochs of Fashion-MNIST per run
+    "full": Budget(
+        steps=5 * 234,
+        data_limit=None,
+        eval_train=None,
+        eval_test=None,
+        linear_epochs=100,
+        bench_rounds=80,
+        parity_images=256,
+        calibration_images=128,
+    ),
+}
+
+
+def _log(msg: str) -> None:
+    click.echo(click.style(f"[demo] {msg}", fg="cyan"), err=True)
+
+
+def _done(run: Path) -> bool:
+    """A training stage is complete when its checkpoint says so."""
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.exists():
+        return False
+    from robkit.engine.checkpoint import safe_load
+
+    prog = safe_load(ckpt).get("progress", {})
+    return bool(prog.get("finished"))
+
+
+def _train(stage: str, out: Path, budget: Budget, fn, **kw) -> Path:
+    run = out / stage
+    if _done(run):
+        _log(f"{stage}: reusing {run}")
+        return run
+    resume = (run / "checkpoint.pt").exists()
+    _log(
+        f"{stage}: training ({budget.steps} steps of {budget.batch_size} images){' — resuming' if resume else ''}"
+    )
+    # one epoch sized to the budget, so schedules (warm-up, cosine) span the whole run
+    images = budget.steps * budget.batch_size
+    overrides = kw.pop("overrides", {})
+    overrides = {
+        **overrides,
+        "train": {**overrides.get("train", {}), "epochs": 1, "batch_size": budget.batch_size},
+    }
+    fn(
+        data="fashion-mnist",
+        data_limit=min(images, budget.data_limit or images),
+        out=run,
+        overrides=overrides,
+        resume=resume,
+        progress=True,
+        **kw,
+    )
+    return run
+
+
+def _cli(*args: str, log: Path, allow_fail: bool = False) -> int:
+    """Run a ``robkit`` sub-command in its own process (converters keep their memory to themselves)."""
+    cmd = [sys.executable, "-m", "robkit.cli", *args]
+    _log("$ robkit " + " ".join(shlex.quote(a) for a in args))
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("$ robkit " + " ".join(shlex.quote(a) for a in args) + "\n")
+        f.flush()
+        res = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    if res.returncode != 0 and not allow_fail:
+        raise click.ClickException(f"`robkit {' '.join(args)}` failed (exit {res.returncode}); see {log}")
+    if res.returncode != 0:
+        _log(f"exit {res.returncode}: see {log} (continuing; the report marks it)")
+    return res.returncode
+
+
+def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
+    """Run (or resume) every stage; returns the summary written to ``summary.json``."""
+    from robkit.engine.build import distill, pretrain
+    from robkit.evaluation import evaluate
+    from robkit.export.targets import get_target
+
+    if budget not in BUDGETS:
+        raise click.BadParameter(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    b = BUDGETS[budget]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    # Seconds per stage, kept across invocations: a reused stage keeps the time it took when it ran.
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def timed(name, f, *a, **k):
+        t = time.time()
+        r = f(*a, **k)
+        if not (Path(r) / "checkpoint.pt").exists() or name not in timings or time.time() - t > 5:
+            timings[name] = round(time.time() - t, 1)
+            timings_path.write_text(json.dumps(timings))
+        return r
+
+    small_head = (
+        {"head": {"out_dim": 256, "hidden_dim": 256, "bottleneck_dim": 64}} if budget == "tiny" else {}
+    )
+    teacher = timed(
+        "teacher",
+        _train,
+        "teacher",
+        out,
+        b,
+        pretrain,
+        method="dino",
+        student=TEACHER_ARCH,
+        recipe="sslight",
+        overrides=small_head,
+    )
+    rob = timed(
+        "rob",
+        _train,
+        "rob",
+        out,
+        b,
+        distill,
+        teacher=str(teacher / "checkpoint.pt"),
+        student=STUDENT,
+        recipe="auto",
+    )
+    sslight = timed(
+        "sslight",
+        _train,
+        "sslight",
+        out,
+        b,
+        pretrain,
+        method="dino",
+        student=STUDENT,
+        recipe="sslight",
+        overrides=small_head,
+    )
+
+    # ---- evaluation
+    eval_path = out / "eval.json"
+    evals: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    t = time.time()
+    for name, src in (("pixels", "pixels"), ("teacher", teacher), ("rob", rob), ("sslight", sslight)):
+        if name in evals:
+            continue
+        _log(f"eval: {name} (kNN + linear probe)")
+        which = ("knn",) if name == "pixels" else ("knn", "linear")
+        evals[name] = evaluate(
+            str(src if name == "pixels" else src / "checkpoint.pt"),
+            data="fashion-mnist",
+            which=which,
+            train_limit=b.eval_train,
+            test_limit=b.eval_test,
+            epochs=b.linear_epochs,
+            progress=False,
+            probe_path=None if name == "pixels" else out / name / "probe.pt",
+        )
+        eval_path.write_text(json.dumps(evals, indent=2, default=str))
+    if time.time() - t > 5 or "eval" not in timings:
+        timings["eval"] = round(time.time() - t, 1)
+        timings_path.write_text(json.dumps(timings))
+
+    # ---- export + parity
+    exp_dir = out / "export"
+    exp_dir.mkdir(exist_ok=True)
+    log = out / "export.log"
+    t = time.time()
+    files = []
+    for target in EXPORT_TARGETS:
+        dest = exp_dir / f"{STUDENT}-{target}{get_target(target).suffix}"
+        if not Path(str(dest) + ".json").exists():
+            _cli(
+                "export",
+                str(rob / "checkpoint.pt"),
+                "--target",
+                target,
+                "--out",
+                str(dest),
+                "--parity-images",
+                str(b.parity_images),
+                "--calibration-images",
+                str(b.calibration_images),
+                log=log,
+                allow_fail=True,
+            )  # a file that misses parity is kept, and its card (and report) says so
+        files.append(dest)
+    if time.time() - t > 5 or "export" not in timings:
+        timings["export"] = round(time.time() - t, 1)
+        timings_path.write_text(json.dumps(timings))
+
+    # ---- latency
+    bench_json = out / "bench.json"
+    t = time.time()
+    if not bench_json.exists():
+        runnable = [str(f) for f in files if f.suffix != ".mlpackage" and f.exists()]
+        _cli(
+            "bench",
+            *runnable,
+            "--checkpoint",
+            str(rob / "checkpoint.pt"),
+            "--threads",
+            "1,2",
+            "--rounds",
+            str(b.bench_rounds),
+            "--json",
+            str(bench_json),
+            "--plot",
+            str(out / "latency.png"),
+            log=log,
+        )
+    if time.time() - t > 5 or "bench" not in timings:
+        timings["bench"] = round(time.time() - t, 1)
+        timings_path.write_text(json.dumps(timings))
+
+    summary = {
+        "budget": budget,
+        "student": STUDENT,
+        "teacher_arch": TEACHER_ARCH,
+        "evals": evals,
+        "exports": [_card(f) for f in files],
+        "bench": json.loads(bench_json.read_text()),
+        "timings_s": timings,
+        "runs": {"teacher": str(teacher), "rob": str(rob), "sslight": str(sslight)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    from robkit.report import write_report
+
+    write_report(out, summary)
+    summary["seconds"] = round(time.time() - t0, 1)
+    return summary
+
+
+def _card(path: Path) -> dict[str, Any]:
+    card_file = Path(str(path) + ".json")
+    card = json.loads(card_file.read_text()) if card_file.exists() else {}
+    return {"file": path.name, "card": card}
+
+
+@click.command()
+@click.option(
+    "--out", type=click.Path(file_okay=False), default="demo", show_default=True, help="Demo folder."
+)
+@click.option(
+    "--budget",
+    type=click.Choice(list(BUDGETS)),
+    default="small",
+    show_default=True,
+    help="small: under 10 minutes on 2 CPU cores; full: 5 epochs per run; tiny: a smoke test.",
+)
+def demo(out: str, budget: str) -> None:
+    """Teacher → RoB student → export → benchmark → report, offline on Fashion-MNIST.
+
+    Re-running the same command reuses every finished stage (and resumes an interrupted one).
+    """
+    summary = run_demo(out, budget)
+    ev = summary["evals"]
+    click.echo("")
+    click.echo(
+        f"kNN accuracy: pixels {ev['pixels']['knn']['accuracy']:.3f} · teacher "
+        f"{ev['teacher']['knn']['accuracy']:.3f} · RoB student {ev['rob']['knn']['accuracy']:.3f} · "
+        f"SSLight student {ev['sslight']['knn']['accuracy']:.3f}"
+    )
+    click.echo(
+        f"Done in {summary['seconds']:.0f} s. Report: {Path(out) / 'report.md'} and {Path(out) / 'report.html'}"
+    )
+    click.echo("Next:")
+    click.echo(
+        "  robkit distill --teacher dino_vits8 --student mobilenet_v3 --data PATH/TO/IMAGES   "
+        "(a zoo teacher on your images; place the file in ~/.cache/robkit/teachers offline)"
+    )
+    click.echo(
+        f"  robkit export {Path(out) / 'rob' / 'checkpoint.pt'} --target auto   (fastest file meeting parity)"
+    )
+    click.echo(f"  robkit eval lowshot {Path(out) / 'rob' / 'checkpoint.pt'}")

@@ -1,0 +1,199 @@
+"""The demo report: Markdown + self-contained HTML with PNG figures.
+
+Figures: training curves of every run, kNN / linear accuracy side by side (with the raw-pixel
+floor), and exported-file latency.  Every number in the report comes from ``summary.json``
+next to it, and the report says which command reproduces it.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LABELS = {
+    "pixels": "raw pixels (floor)",
+    "teacher": "teacher (ResNet-18, SSLight)",
+    "rob": "RoB student (MobileNetV3-S)",
+    "sslight": "SSLight student (MobileNetV3-S)",
+}
+
+
+def _curve(run: Path) -> tuple[list[int], list[float]]:
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def plot_training(runs: dict[str, str], path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
+    for ax, (name, run) in zip(axes, runs.items()):
+        steps, loss = _curve(Path(run))
+        ax.plot(steps, loss, lw=1.2)
+        ax.set_title(LABELS.get(name, name), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(evals: dict[str, Any], path: Path) -> Path:
+    names = list(evals)
+    knn = [evals[n]["knn"]["accuracy"] * 100 for n in names]
+    lin = [evals[n].get("linear", {}).get("accuracy", float("nan")) * 100 for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar([i - 0.2 for i in x], knn, width=0.4, label="kNN (k=20, T=0.07)")
+    ax.bar([i + 0.2 for i in x], lin, width=0.4, label="linear probe (BN + linear)")
+    ax.set_xticks(list(x), [LABELS.get(n, n) for n in names], fontsize=7, rotation=10)
+    ax.set_ylabel("Fashion-MNIST top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "–"
+    return f"{v * 100:.1f}" if pct else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def _accuracy_table(evals: dict[str, Any]) -> list[str]:
+    lines = ["| model | kNN top-1 (%) | linear top-1 (%) | train / test images |", "|---|---|---|---|"]
+    for name, ev in evals.items():
+        lines.append(
+            f"| {LABELS.get(name, name)} | {_fmt(ev['knn']['accuracy'], True)} | "
+            f"{_fmt(ev.get('linear', {}).get('accuracy'), True)} | {ev['num_train']} / {ev['num_test']} |"
+        )
+    return lines
+
+
+def _export_table(exports: list[dict[str, Any]], bench: dict[str, Any]) -> list[str]:
+    latency: dict[tuple[str, int], float] = {}
+    for row in bench.get("rows", []):
+        if row.get("threads") and row.get("median_ms") is not None:
+            latency[(Path(row["name"]).name, int(row["threads"]))] = row["median_ms"]
+    lines = [
+        "| file | format | precision | size (MB) | parity (cosine vs PyTorch) | passed | median ms, 1 / 2 threads |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in exports:
+        c = e["card"]
+        par = c.get("parity", {}) or {}
+        size = c.get("file_bytes") or c.get("size_bytes")
+        lat = " / ".join(_fmt(latency.get((e["file"], t))) for t in (1, 2))
+        lines.append(
+            f"| `{e['file']}` | {c.get('format', '–')} | {c.get('precision', '–')} | "
+            f"{_fmt(size / 1e6 if size else None)} | {_fmt(par.get('cosine'))} | "
+            f"{'yes' if par.get('passed', c.get('parity_passed')) else 'see card'} | {lat} |"
+        )
+    for row in bench.get("rows", []):
+        if row.get("runtime") == "torch":
+            lines.append(
+                f"| PyTorch eager ({row.get('threads')} thr) | – | fp32 | – | 1.0 | – | "
+                f"{_fmt(row.get('median_ms'))} |"
+            )
+    return lines
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> Path:
+    out = Path(out)
+    figs = {
+        "curves": plot_training(summary["runs"], out / "training_curves.png"),
+        "accuracy": plot_accuracy(summary["evals"], out / "accuracy.png"),
+    }
+    if (out / "latency.png").exists():
+        figs["latency"] = out / "latency.png"
+    budget = summary["budget"]
+    md = [
+        "# robkit demo report",
+        "",
+        f"Budget `{budget}`: a {summary['teacher_arch']} teacher pre-trained with SSLight (DINO, no teacher), "
+        f"RoB-distilled into `{summary['student']}`, and the same student trained with SSLight alone for the "
+        "same number of steps; all on Fashion-MNIST, offline. Reproduce everything with "
+        f"`robkit demo --budget {budget} --out {out}` (finished stages are reused; delete a stage's folder to "
+        "redo it).",
+        "",
+        "## Training curves",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "## Accuracy (frozen features)",
+        "",
+        *_accuracy_table(summary["evals"]),
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "Each row: `robkit eval knn|linear RUN/checkpoint.pt` (the floor: `robkit eval knn pixels`).",
+        "",
+        "## Exported RoB student",
+        "",
+        *_export_table(summary["exports"], summary.get("bench", {})),
+        "",
+        "Parity is measured in each file's own runtime on held-out Fashion-MNIST test images; Core ML cannot run "
+        "on Linux, so its row is a structural check (numeric parity needs macOS). Latency: `robkit bench` "
+        "(interleaved runs, median). Each file has a JSON card next to it with normalisation, layout and hashes.",
+        "",
+        "![latency](latency.png)" if "latency" in figs else "",
+        "",
+        "## Time per stage (s)",
+        "",
+        "| " + " | ".join(summary["timings_s"]) + " |",
+        "|" + "---|" * len(summary["timings_s"]),
+        "| " + " | ".join(str(v) for v in summary["timings_s"].values()) + " |",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    # the HTML page embeds the figures, so it can be mailed or attached as one file
+    body = []
+    for line in md:
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : -1]
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            body.append(f'<img src="data:image/png;base64,{data}" style="max-width:100%">')
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("|"):
+            if set(line.replace("|", "").strip()) <= {"-"}:
+                continue
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    page, in_table = [], False
+    for item in body:
+        if item.startswith("<tr>") and not in_table:
+            page.append("<table>")
+            in_table = True
+        if not item.startswith("<tr>") and in_table:
+            page.append("</table>")
+            in_table = False
+        page.append(item)
+    if in_table:
+        page.append("</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto}td{border:1px solid #ccc;padding:3px 8px}"
+        "table{border-collapse:collapse;font-size:90%}"
+    )
+    (out / "report.html").write_text(
+        f"<!doctype html><meta charset=utf-8><title>robkit demo</title>"
+        f"<style>{style}</style>" + "\n".join(page),
+        encoding="utf-8",
+    )
+    return out / "report.md"

@@ -1,0 +1,44 @@
+"""`robkit demo` at the tiny budget runs every stage and writes every report artefact."""
+
+import json
+
+from click.testing import CliRunner
+
+from robkit.cli import main
+
+
+def test_demo_tiny_end_to_end_and_resumable(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBKIT_HOME", str(tmp_path / "home"))
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--budget", "tiny", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for f in (
+        "report.md",
+        "report.html",
+        "summary.json",
+        "training_curves.png",
+        "accuracy.png",
+        "latency.png",
+        "eval.json",
+        "bench.json",
+        "teacher/checkpoint.pt",
+        "rob/checkpoint.pt",
+        "sslight/checkpoint.pt",
+    ):
+        assert (out / f).exists(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["evals"]) == {"pixels", "teacher", "rob", "sslight"}
+    for name in ("teacher", "rob", "sslight"):
+        assert 0.0 <= summary["evals"][name]["knn"]["accuracy"] <= 1.0
+        assert "accuracy" in summary["evals"][name]["linear"]
+    formats = {e["card"].get("format") for e in summary["exports"]}
+    assert formats == {"tflite", "onnx", "coreml"}
+    assert all(e["card"].get("file_sha256") for e in summary["exports"])
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    rob_ckpt = (out / "rob" / "checkpoint.pt").stat().st_mtime
+    # a second invocation reuses every finished stage
+    res2 = CliRunner().invoke(main, ["demo", "--budget", "tiny", "--out", str(out)], catch_exceptions=False)
+    assert res2.exit_code == 0, res2.output
+    assert "reusing" in res2.output or "reusing" in (res2.stderr if hasattr(res2, "stderr") else "")
+    assert (out / "rob" / "checkpoint.pt").stat().st_mtime == rob_ckpt
