@@ -242,9 +242,14 @@ def distill(
     resume: bool = False,
     data_limit: int | None = None,
     teacher_obj=None,
+    teacher_cache: str | Path | None = None,
     **engine: Any,
 ) -> tuple[dict[str, Any], Path]:
-    """RoB distillation from a frozen teacher (zoo name, teacher file or robkit checkpoint)."""
+    """RoB distillation from a frozen teacher (zoo name, teacher file or robkit checkpoint).
+
+    ``teacher_cache``: a folder built by ``robkit teachers cache`` for the same teacher, recipe,
+    data and seed; its global views are replayed and only the teacher's head runs.
+    """
     from robkit import teachers as zoo
 
     tch = teacher_obj if teacher_obj is not None else zoo.load(teacher)
@@ -277,7 +282,12 @@ def distill(
         "sha256": getattr(tch, "sha256", None),
         "family": family,
     }
-    return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine)
+    source = None
+    if teacher_cache is not None:
+        from robkit.teachers.cache import open_cache
+
+        source = open_cache(teacher_cache, tch, cfg, ds, engine.get("seed", 0), needs_patches=task.use_masks)
+    return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine, source)
 
 
 def _spec(data) -> str:
@@ -294,6 +304,7 @@ def _fit(
     teacher_rec,
     resume: bool,
     engine: dict[str, Any],
+    target_source=None,
 ) -> tuple[dict[str, Any], Path]:
     views = build_views(cfg["views"])
     with open(out_dir / "config.yaml", "w", encoding="utf-8") as f:
@@ -313,6 +324,8 @@ def _fit(
         teacher=teacher_rec,
         data={"spec": _spec(data), "images": len(ds), "name": getattr(ds, "name", _spec(data))},
     )
-    trainer = Trainer(task, views, ds, cfg["optim"], cfg.get("ema", {}), _options(cfg, out_dir, engine), meta)
+    trainer = Trainer(
+        task, views, ds, cfg["optim"], cfg.get("ema", {}), _options(cfg, out_dir, engine), meta, target_source
+    )
     metrics = trainer.fit(resume=resume)
     return metrics, out_dir

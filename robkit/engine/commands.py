@@ -205,11 +205,19 @@ def pretrain(
     show_default=True,
     help="'auto' picks rob-<teacher family> (its -small variant on small images), or a recipe name.",
 )
+@click.option(
+    "--teacher-cache",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Targets cached by `robkit teachers cache` (same teacher, recipe, data, seed): replays its "
+    "global views and runs only the teacher's head.",
+)
 @_engine_options
 def distill(
     teacher,
     student,
     recipe,
+    teacher_cache,
     data,
     epochs,
     batch_size,
@@ -237,6 +245,7 @@ def distill(
         teacher=teacher,
         student=student,
         recipe=recipe,
+        teacher_cache=teacher_cache,
         data=data,
         out=out,
         overrides=_overrides(epochs, batch_size, sets, precision, compile_, channels_last),

@@ -161,3 +161,83 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
     if not finite:
         raise click.ClickException("non-finite outputs")
     click.echo("verify: OK")
+
+
+@teachers.command("cache")
+@click.option("--teacher", required=True, help="Zoo name, official checkpoint file or robkit checkpoint.")
+@click.option("--data", default="fashion-mnist", show_default=True, help="Data set, as for robkit distill.")
+@click.option("--epochs", type=int, required=True, help="Epochs of targets to store (distill may use fewer).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Cache folder.")
+@click.option("--student", default="mobilenet_v3_small", show_default=True, help="Picks the recipe variant.")
+@click.option("--recipe", default="auto", show_default=True, help="As for robkit distill.")
+@click.option("--batch-size", type=int, default=None, help="Global batch size of the distillation run.")
+@click.option(
+    "--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Recipe overrides, as for distill."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-limit", type=int, default=None, help="Use only the first N training images.")
+@click.option(
+    "--form",
+    type=click.Choice(["embedding", "topk"]),
+    default="embedding",
+    show_default=True,
+    help="embedding: backbone output, the head runs live (exact); topk: the k largest head logits.",
+)
+@click.option("--topk", "k", type=int, default=10, show_default=True, help="k for --form topk.")
+@click.option(
+    "--patches/--no-patches",
+    default=None,
+    help="Store iBOT patch targets (default: on for an iBOT teacher with a ViT student).",
+)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--shard-steps", type=int, default=50, show_default=True, help="Steps per shard file.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-shards", type=int, default=None, help="Stop after building N shards (resumable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def cache_cmd(
+    teacher, data, epochs, out, student, recipe, batch_size, sets, seed, data_limit, form, k, patches,
+    dtype, shard_steps, device, max_shards, quiet,
+) -> None:  # fmt: skip
+    """Pre-compute a teacher's RoB targets for `robkit distill --teacher-cache` (resumable; torchrun
+    splits the shards over processes)."""
+    from robkit.catalog import CatalogError
+    from robkit.engine.config import parse_overrides
+    from robkit.teachers.cache import CacheForm, build_cache
+
+    ov = parse_overrides(list(sets))
+    if batch_size is not None:
+        ov.setdefault("train", {})["batch_size"] = batch_size
+    try:
+        summary = build_cache(
+            teacher,
+            out,
+            epochs,
+            data=data,
+            student=student,
+            recipe=recipe,
+            overrides=ov,
+            seed=seed,
+            data_limit=data_limit,
+            form=CacheForm(form, k, patches, dtype),
+            shard_steps=shard_steps,
+            device=device,
+            progress=not quiet,
+            max_shards=max_shards,
+            echo=click.echo,
+        )
+    except (CatalogError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(
+        f"cache {summary['key'][:12]} in {out}: built {summary['built']}, kept {summary['skipped']} "
+        f"of {summary['shards']} shard(s); {'complete' if summary['complete'] else 'INCOMPLETE: rerun to finish'}"
+    )
+    same = [
+        ("--student", student),
+        ("--recipe", recipe if recipe != "auto" else None),
+        ("--seed", seed or None),
+    ]
+    same += [("--batch-size", batch_size), ("--data-limit", data_limit)] + [("--set", s) for s in sets]
+    click.echo(
+        f"next: robkit distill --teacher {teacher} --teacher-cache {out} --data {data} --epochs {epochs}"
+        + "".join(f" {o} {v}" for o, v in same if v is not None)
+    )
