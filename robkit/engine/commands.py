@@ -108,6 +108,10 @@ def _engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quie
 
 
 def _finish(metrics: dict, out_dir: Path, data: str, do_eval: bool, eval_limit: int | None) -> None:
+    from robkit.engine.distributed import rank
+
+    if rank() != 0:
+        return
     ckpt = out_dir / "checkpoint.pt"
     if do_eval and metrics.get("finished"):
         try:
@@ -131,6 +135,9 @@ def _finish(metrics: dict, out_dir: Path, data: str, do_eval: bool, eval_limit: 
 
 def _run(fn, **kw):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from robkit.engine.distributed import init_from_env
+
+    init_from_env()  # launched by torchrun: join the process group (one process otherwise)
     try:
         return fn(**kw)
     except (CatalogError, ValueError, FileExistsError, FileNotFoundError) as e:

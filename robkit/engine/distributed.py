@@ -46,3 +46,22 @@ def all_gather_cat(t: Tensor) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); gloo on CPU, NCCL on GPU.
+
+    Multi-node runs work the same way: ``torchrun --nnodes N --node_rank R --rdzv_endpoint HOST:PORT``.
+    Returns True when this process is part of a group of more than one.
+    """
+    import os
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True

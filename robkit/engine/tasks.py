@@ -370,7 +370,7 @@ class RoBTask(Task):
         student = self.online.student
         g0 = views[0]
         p = student.patch_size
-        grid = (g0.shape[-2] // p, g0.shape[-1] // p)
+        grid = (-(-g0.shape[-2] // p), -(-g0.shape[-1] // p))  # ceil: the ViT pads to whole patches
         n = g0.shape[0] * self.n_global
         if self.use_masks:
             masks = masking.block_masks(

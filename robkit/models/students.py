@@ -50,6 +50,7 @@ def _timm_vit(arch: str) -> Callable[..., nn.Module]:
             pretrained=False,
             num_classes=0,
             dynamic_img_size=True,
+            dynamic_img_pad=True,  # any multi-crop size: pad to a multiple of the patch size
             img_size=img_size,
             drop_path_rate=drop_path_rate,
             **extra,
