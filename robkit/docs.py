@@ -18,40 +18,52 @@ BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)",
 
 
 def teachers_table() -> str:
-    rows = ["| name | family | architecture | params (M) | GFLOPs | prototypes | reported kNN / linear |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| name | family | architecture | params (M) | GFLOPs | prototypes | reported kNN / linear |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(registry("teachers"), key=lambda r: (r.family, r.name)):
         arch = r.get("arch") or {}
         rep = r.get("reported") or {}
-        rows.append(f"| `{r.name}` | {r.family} | {arch.get('name', '?')} | {r.get('params_m', '–')} | "
-                    f"{r.get('gflops', '–')} | {r.get('num_prototypes', '–')} | "
-                    f"{rep.get('knn') or '–'} / {rep.get('linear') or '–'} |")
+        rows.append(
+            f"| `{r.name}` | {r.family} | {arch.get('name', '?')} | {r.get('params_m', '–')} | "
+            f"{r.get('gflops', '–')} | {r.get('num_prototypes', '–')} | "
+            f"{rep.get('knn') or '–'} / {rep.get('linear') or '–'} |"
+        )
     return "\n".join(rows)
 
 
 def recipes_table() -> str:
     from robkit.engine.config import load_recipe
 
-    rows = ["| name | method | views (global + local) | scales g / l | optimiser | epochs × batch | source |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| name | method | views (global + local) | scales g / l | optimiser | epochs × batch | source |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in registry("recipes").names():
         r = load_recipe(name)
         v, o, t = r["views"], r["optim"], r["train"]
-        rows.append(f"| `{name}` | {r.get('method')} | {v['n_global']}×{v['global_size_px']} + "
-                    f"{v['n_local']}×{v['local_size_px']} | {tuple(v['global_scale'])} / {tuple(v['local_scale'])} | "
-                    f"{o['name']} | {t['epochs']} × {t['batch_size']} | {r.get('source', '')} |")
+        rows.append(
+            f"| `{name}` | {r.get('method')} | {v['n_global']}×{v['global_size_px']} + "
+            f"{v['n_local']}×{v['local_size_px']} | {tuple(v['global_scale'])} / {tuple(v['local_scale'])} | "
+            f"{o['name']} | {t['epochs']} × {t['batch_size']} | {r.get('source', '')} |"
+        )
     return "\n".join(rows)
 
 
 def targets_table() -> str:
-    rows = ["| target | format | precision | layout | input | default for format | description |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| target | format | precision | layout | input | default for format | description |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(registry("export"), key=lambda r: (r.get("format", ""), r.name)):
         if not r.get("format"):
             continue
-        rows.append(f"| `{r.name}` | {r['format']} | {r.get('precision')} | {r.get('layout')} | "
-                    f"{r.get('input_dtype')} {r.get('input', '')} | {'yes' if r.get('default') else ''} | "
-                    f"{r.get('description', '')} |")
+        rows.append(
+            f"| `{r.name}` | {r['format']} | {r.get('precision')} | {r.get('layout')} | "
+            f"{r.get('input_dtype')} {r.get('input', '')} | {'yes' if r.get('default') else ''} | "
+            f"{r.get('description', '')} |"
+        )
     return "\n".join(rows)
 
 
@@ -61,7 +73,14 @@ def cli_reference() -> str:
     out: list[str] = []
 
     def walk(cmd: click.Command, path: list[str], parent: click.Context | None) -> None:
-        ctx = click.Context(cmd, info_name=" ".join(path), parent=None, max_content_width=100, terminal_width=100)
+        ctx = click.Context(
+            cmd,
+            info_name=path[-1],
+            parent=parent,
+            max_content_width=100,
+            terminal_width=100,
+            help_option_names=["-h", "--help"],
+        )  # as the real CLI (click caches it per command)
         if path != ["robkit"]:
             out.append(f"#### `{' '.join(path)}`\n\n```\n{cmd.get_help(ctx).strip()}\n```\n")
         if isinstance(cmd, click.Group):
@@ -72,7 +91,12 @@ def cli_reference() -> str:
     return "\n".join(out).rstrip()
 
 
-GENERATORS = {"teachers": teachers_table, "recipes": recipes_table, "targets": targets_table, "cli": cli_reference}
+GENERATORS = {
+    "teachers": teachers_table,
+    "recipes": recipes_table,
+    "targets": targets_table,
+    "cli": cli_reference,
+}
 
 
 def render(text: str) -> str:
