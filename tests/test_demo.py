@@ -34,6 +34,10 @@ def test_demo_tiny_end_to_end_and_resumable(tmp_path, monkeypatch):
     formats = {e["card"].get("format") for e in summary["exports"]}
     assert formats == {"tflite", "onnx", "coreml"}
     assert all(e["card"].get("file_sha256") for e in summary["exports"])
+    for e in summary["exports"]:  # every card says where the model came from and how to feed it
+        c = e["card"]
+        assert c["recipe"] == "rob-dino-small" and c["data"] == "fashion-mnist" and c["method"] == "rob-dino"
+        assert c["teacher"] and c["normalization"]["mean"] == [0.485, 0.456, 0.406]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
     rob_ckpt = (out / "rob" / "checkpoint.pt").stat().st_mtime

@@ -46,6 +46,14 @@ def card_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
 
 
+def _data_spec(meta: dict[str, Any]) -> Any:
+    """The training data of a robkit checkpoint (``data.spec``), or an older ``config.data``."""
+    data = meta.get("data")
+    if isinstance(data, dict):
+        return data.get("spec")
+    return data or (meta.get("config") or {}).get("data")
+
+
 def base_card(
     *,
     meta: dict[str, Any],
@@ -69,9 +77,10 @@ def base_card(
         "checkpoint": checkpoint,
         "teacher": teacher.get("name") if isinstance(teacher, dict) else teacher,
         "method": meta.get("method"),
-        "recipe": config.get("recipe"),
-        "data": config.get("data"),
-        "epochs": config.get("epochs"),
+        "recipe": config.get("name") or config.get("recipe"),
+        "data": _data_spec(meta),
+        "epochs": (config.get("train") or {}).get("epochs", config.get("epochs")),
+        "progress": meta.get("progress"),
         "metrics": meta.get("metrics") or {},
         "target": target["name"],
         "format": target["format"],
