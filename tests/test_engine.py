@@ -90,7 +90,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         _run(tmp_path, "nan", overrides=ov, engine={"checkpoint_every_steps": 1})
 
 
-def test_a_corrupt_image_is_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_is_skipped_and_counted(tmp_path, workers):
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -104,9 +105,10 @@ def test_a_corrupt_image_is_skipped_and_counted(tmp_path):
         recipe="sslight",
         data=str(root),
         out=tmp_path / "run",
-        overrides={**TINY, "train": {**TINY["train"], "epochs": 1}},
+        overrides={**TINY, "train": {**TINY["train"], "epochs": 2}},  # workers persist across epochs
         progress=False,
         tensorboard=False,
+        num_workers=workers,
     )
     assert metrics["finished"]
     assert metrics["skipped_images"] == 1

@@ -125,6 +125,19 @@ def _collate(items):
     return imgs, hw, skipped
 
 
+class _BatchPlan(torch.utils.data.Sampler):
+    """The current epoch's list of index batches (set by the trainer before each epoch)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class Trainer:
     """Runs a ``Task`` over a data set with a ``MultiCropViews`` sampler and a recipe's optimiser."""
 
@@ -308,15 +321,21 @@ class Trainer:
                 x = imgs[idx]
                 yield (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x), full.expand(len(idx), 2)
             return
-        loader = torch.utils.data.DataLoader(
-            _HWDataset(self.dataset),
-            batch_sampler=batches.tolist(),
-            num_workers=self.opts.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            prefetch_factor=4 if self.opts.num_workers else None,
-        )
+        if getattr(self, "_loader", None) is None:
+            # One loader for the whole run, so worker processes persist across epochs; the batch
+            # sampler is told each epoch's batches (it is iterated in this process).
+            self._batch_plan = _BatchPlan()
+            self._loader = torch.utils.data.DataLoader(
+                _HWDataset(self.dataset),
+                batch_sampler=self._batch_plan,
+                num_workers=self.opts.num_workers,
+                collate_fn=_collate,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=self.opts.num_workers > 0,
+                prefetch_factor=4 if self.opts.num_workers else None,
+            )
+        self._batch_plan.batches = batches.tolist()
+        loader = self._loader
         for imgs, hw, skipped in loader:
             for p in skipped:
                 self.skipped.add(p)
@@ -440,10 +459,9 @@ class Trainer:
                 params.crops = [cp.index(rows) for cp in params.crops]
             views = self.views.render(imgs, params)
         views = [v.to(self.device, non_blocking=True) for v in views]
-        for i, pg in enumerate(self.optimizer.param_groups):
+        for pg in self.optimizer.param_groups:
             pg["lr"] = float(self.lr_sched[gstep])
             pg["weight_decay"] = float(self.wd_sched[gstep]) * pg.get("wd_factor", 1.0)
-            del i
         ctx = torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
             if self.target_source is None:
