@@ -133,6 +133,25 @@ def _finish(metrics: dict, out_dir: Path, data: str, do_eval: bool, eval_limit: 
     click.echo(f"  robkit export {ckpt} --format tflite")
 
 
+def _launch(fn, o: dict, **what) -> None:
+    """Run ``pretrain``/``distill`` with the shared engine options ``o`` and print the summary."""
+    metrics, out_dir = _run(
+        fn,
+        **what,
+        data=o["data"],
+        out=o["out"],
+        overrides=_overrides(
+            o["epochs"], o["batch_size"], o["sets"], o["precision"], o["compile_"], o["channels_last"]
+        ),
+        resume=o["resume"],
+        data_limit=o["data_limit"],
+        **_engine_kwargs(
+            o["workers"], o["checkpoint_every"], o["max_steps"], o["time_budget"], o["seed"], o["quiet"]
+        ),
+    )
+    _finish(metrics, out_dir, o["data"], o["do_eval"], o["eval_limit"])
+
+
 def _run(fn, **kw):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from robkit.engine.distributed import init_from_env
@@ -156,45 +175,11 @@ def _run(fn, **kw):
     help="'sslight' or 'baseline' (picked per method and student), or a full recipe name.",
 )
 @_engine_options
-def pretrain(
-    method,
-    student,
-    recipe,
-    data,
-    epochs,
-    batch_size,
-    out,
-    sets,
-    resume,
-    precision,
-    compile_,
-    channels_last,
-    workers,
-    checkpoint_every,
-    max_steps,
-    time_budget,
-    data_limit,
-    do_eval,
-    eval_limit,
-    seed,
-    quiet,
-):
+def pretrain(method, student, recipe, **opts):
     """Self-supervised pre-training of a small student without a teacher (SSLight)."""
     from robkit.engine.build import pretrain as run
 
-    metrics, out_dir = _run(
-        run,
-        method=method,
-        student=student,
-        recipe=recipe,
-        data=data,
-        out=out,
-        overrides=_overrides(epochs, batch_size, sets, precision, compile_, channels_last),
-        resume=resume,
-        data_limit=data_limit,
-        **_engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quiet),
-    )
-    _finish(metrics, out_dir, data, do_eval, eval_limit)
+    _launch(run, opts, method=method, student=student, recipe=recipe)
 
 
 @click.command()
@@ -220,47 +205,11 @@ def pretrain(
     "global views and runs only the teacher's head.",
 )
 @_engine_options
-def distill(
-    teacher,
-    student,
-    recipe,
-    teacher_cache,
-    data,
-    epochs,
-    batch_size,
-    out,
-    sets,
-    resume,
-    precision,
-    compile_,
-    channels_last,
-    workers,
-    checkpoint_every,
-    max_steps,
-    time_budget,
-    data_limit,
-    do_eval,
-    eval_limit,
-    seed,
-    quiet,
-):
+def distill(teacher, student, recipe, teacher_cache, **opts):
     """RoB distillation: a frozen self-supervised teacher replaces one branch."""
     from robkit.engine.build import distill as run
 
-    metrics, out_dir = _run(
-        run,
-        teacher=teacher,
-        student=student,
-        recipe=recipe,
-        teacher_cache=teacher_cache,
-        data=data,
-        out=out,
-        overrides=_overrides(epochs, batch_size, sets, precision, compile_, channels_last),
-        resume=resume,
-        data_limit=data_limit,
-        **_engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quiet),
-    )
-    _finish(metrics, out_dir, data, do_eval, eval_limit)
+    _launch(run, opts, teacher=teacher, student=student, recipe=recipe, teacher_cache=teacher_cache)
 
 
 @click.group()

@@ -39,6 +39,12 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+def _init_args(loc: dict) -> dict:
+    """The constructor arguments (from its ``locals()``): a checkpoint rebuilds the head from them."""
+    args = {k: v for k, v in loc.items() if k not in ("self", "__class__", "kwargs")}
+    return {**args, **loc.get("kwargs", {})}
+
+
 def _init_linear(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
@@ -85,17 +91,7 @@ class DINOHead(nn.Module):
         l2_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.init_kwargs = {
-            "in_dim": in_dim,
-            "out_dim": out_dim,
-            "hidden_dim": hidden_dim,
-            "bottleneck_dim": bottleneck_dim,
-            "nlayers": nlayers,
-            "use_bn": use_bn,
-            "norm_last_layer": norm_last_layer,
-            "weight_norm": weight_norm,
-            "l2_norm": l2_norm,
-        }
+        self.init_kwargs = _init_args(locals())
         self.in_dim, self.out_dim = in_dim, out_dim
         self.l2_norm = l2_norm
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn, nn.GELU)
@@ -131,7 +127,7 @@ class iBOTHead(DINOHead):  # noqa: N801 - the method's own spelling
         **kwargs,
     ) -> None:
         super().__init__(in_dim, out_dim, **kwargs)
-        self.init_kwargs = {**self.init_kwargs, "patch_out_dim": patch_out_dim, "shared_head": shared_head}
+        self.init_kwargs = _init_args(locals())
         bottleneck = (
             self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
         )
@@ -174,14 +170,7 @@ class SwAVHead(nn.Module):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        self.init_kwargs = {
-            "in_dim": in_dim,
-            "hidden_dim": hidden_dim,
-            "out_dim": out_dim,
-            "n_prototypes": n_prototypes,
-            "use_bn": use_bn,
-            "normalize": normalize,
-        }
+        self.init_kwargs = _init_args(locals())
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
         layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else [nn.Identity()]
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
@@ -260,13 +249,7 @@ class MSNHead(nn.Module):
         use_bn: bool = True,
     ) -> None:
         super().__init__()
-        self.init_kwargs = {
-            "in_dim": in_dim,
-            "hidden_dim": hidden_dim,
-            "out_dim": out_dim,
-            "n_prototypes": n_prototypes,
-            "use_bn": use_bn,
-        }
+        self.init_kwargs = _init_args(locals())
         self.fc = _MSNProjector(in_dim, hidden_dim, out_dim, use_bn)
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, out_dim))
         nn.init.uniform_(self.prototypes, -1.0, 1.0)
