@@ -275,6 +275,34 @@ def _onnx(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, 
     return outputs, None, conversion, plan, ""
 
 
+def _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit, **pt2e_kw):
+    """PT2E static int8 (litert-torch's quantiser by default, XNNPACK's for ExecuTorch) with the layers
+    the sensitivity search keeps in float: ``(plan, quantised graph module, quantizer)``."""
+    from robkit.export import tflite_format as T
+
+    with torch.no_grad():
+        search_ref = module(search_x)
+
+    def evaluate(float_layers: list[str]) -> float:
+        gm, _ = T.pt2e_quantize(
+            module, example, cal_x[:SEARCH_IMAGES], node_filter(float_layers, module, is_vit), **pt2e_kw
+        )
+        return cosine(T.run_torch_batch1(gm, search_x), search_ref)
+
+    plan = _plan_static_int8(
+        module,
+        cal_x,
+        evaluate,
+        target.parity["min_cosine"],
+        is_vit,
+        target.quantization.get("keep_sensitive_float", True),
+    )
+    gm, quantizer = T.pt2e_quantize(
+        module, example, cal_x, node_filter(plan.float_layers, module, is_vit), **pt2e_kw
+    )
+    return plan, gm, quantizer
+
+
 def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, **_):
     from robkit.export import tflite_format as T
 
@@ -287,26 +315,7 @@ def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x
         (T.convert_fp16 if target.precision == "fp16" else T.convert_dynamic_int8)(tmp / "fp32.tflite", out)
         conversion["quantizer"] = "ai-edge-quantizer"
     else:
-        with torch.no_grad():
-            search_ref = module(search_x)
-
-        def evaluate(float_layers: list[str]) -> float:
-            gm, _ = T.pt2e_quantize(
-                module, example, cal_x[:SEARCH_IMAGES], node_filter(float_layers, module, is_vit)
-            )
-            return cosine(T.run_torch_batch1(gm, search_x), search_ref)
-
-        plan = _plan_static_int8(
-            module,
-            cal_x,
-            evaluate,
-            target.parity["min_cosine"],
-            is_vit,
-            target.quantization.get("keep_sensitive_float", True),
-        )
-        gm, quantizer = T.pt2e_quantize(
-            module, example, cal_x, node_filter(plan.float_layers, module, is_vit)
-        )
+        plan, gm, quantizer = _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit)
         simulated = T.run_torch_batch1(gm, par_x)
         T.convert_static_int8(gm, quantizer, example, out)
         conversion["quantizer"] = "litert-torch PT2E (static, per-channel)"
@@ -375,33 +384,13 @@ def _executorch(*, module, target, out, tmp, example, cal_x, par_x, is_vit, sear
     E.require_executorch()
     plan, simulated = None, None
     if target.precision == "int8":
-        with torch.no_grad():
-            search_ref = module(search_x)
-
-        def evaluate(float_layers: list[str]) -> float:
-            gm, _ = T.pt2e_quantize(
-                module,
-                example,
-                cal_x[:SEARCH_IMAGES],
-                node_filter(float_layers, module, is_vit),
-                quantizer_factory=E.xnnpack_quantizer,
-                fold_quantize=True,
-            )
-            return cosine(T.run_torch_batch1(gm, search_x), search_ref)
-
-        plan = _plan_static_int8(
+        plan, gm, _ = _pt2e_static_int8(
             module,
-            cal_x,
-            evaluate,
-            target.parity["min_cosine"],
-            is_vit,
-            target.quantization.get("keep_sensitive_float", True),
-        )
-        gm, _ = T.pt2e_quantize(
-            module,
+            target,
             example,
             cal_x,
-            node_filter(plan.float_layers, module, is_vit),
+            search_x,
+            is_vit,
             quantizer_factory=E.xnnpack_quantizer,
             fold_quantize=True,
         )
