@@ -14,10 +14,15 @@ from robkit.export import card as cards
 from robkit.export.parity import compare
 from robkit.export.quantize import (
     LayerSensitivity,
+    cosine,
     fake_quant_act,
     fake_quant_weight,
+    graph_sensitivity,
     layer_sensitivity,
+    node_filter,
+    quantized_units,
     search_float_layers,
+    strip_quantization,
 )
 from robkit.export.targets import (
     CAPABILITIES,
@@ -168,10 +173,24 @@ def test_search_keeps_the_fewest_sensitive_layers_float():
 
     plan = search_float_layers(ranking, evaluate, min_cosine=0.97, margin=0.005, max_float_fraction=1.0)
     assert plan.float_layers == ["a", "b"] and plan.met
-    assert seen == [[], ["a"], ["a", "b"]]
+    assert seen == [["a"], ["a", "b"]]  # the caller has scored the all-int8 model already
     assert "0.9000" in plan.reasons["a"]
     bad = search_float_layers(ranking, lambda f: 0.5, min_cosine=0.97, max_float_fraction=1.0)
     assert not bad.met
+
+
+def test_search_doubles_then_bisects_to_the_fewest_float_layers():
+    ranking = [LayerSensitivity(f"l{i}", 0.9) for i in range(40)]
+    seen = []
+
+    def evaluate(float_layers):  # each float layer is worth 0.01: 8 of them reach 0.98
+        seen.append(len(float_layers))
+        return 0.90 + 0.01 * len(float_layers)
+
+    plan = search_float_layers(ranking, evaluate, min_cosine=0.975, margin=0.005)
+    assert len(plan.float_layers) == 8 and plan.met
+    assert seen == [1, 2, 4, 8, 6, 7]  # doubling to the first hit, then bisection between 4 and 8
+    assert [h["float_layers"] for h in plan.history] == seen
 
 
 def test_parity_metrics_match_an_independent_computation():
@@ -226,3 +245,69 @@ def test_macs_count_includes_attention_matmuls():
     linear = depth * n * (d * 3 * d + d * d + 2 * d * 4 * d) + 4 * 3 * 16 * 16 * d  # blocks + patch embedding
     attention = depth * 2 * n * n * d
     assert macs == pytest.approx(linear + attention, rel=0.01)
+
+
+class _Amplified(nn.Module):
+    """Multiplies one channel by 1000: a per-tensor 8-bit scale on its output then rounds every
+    other channel to zero (the next layer divides it back, so fp32 is unchanged)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        gain = torch.ones(1, channels, 1, 1)
+        gain[0, 0] = 1000.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def _outlier_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        _Amplified(8),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        net[3].weight[:, 0] /= 1000.0
+    return net
+
+
+def test_graph_sensitivity_finds_the_module_whose_int8_output_breaks_the_model():
+    """PT2E (litert-torch's quantiser): the all-int8 graph is calibrated once; the ranking names the
+    amplifying module, and removing its quantise/dequantise pair alone repairs the output."""
+    pytest.importorskip("litert_torch")
+    from robkit.export import tflite_format as T
+
+    net = _outlier_cnn()
+    torch.manual_seed(1)
+    calib, held = torch.randn(16, 3, 12, 12), torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        ref = net(held)
+    gm, _ = T.pt2e_quantize(net, calib[:1], calib, node_filter([], net, False))
+    assert "2" in set(quantized_units(gm).values())  # the product of module "2" is quantised
+    all_int8 = cosine(T.run_torch_batch1(gm, held), ref)
+    ranking = graph_sensitivity(gm, held, ref)
+    assert ranking[0].name == "2" and ranking[0].cosine < 0.99 < ranking[-1].cosine
+    repaired = strip_quantization(gm, ["2"])
+    fixed = cosine(T.run_torch_batch1(repaired, held), ref)
+    assert all_int8 < 0.99 < fixed
+    kinds = lambda g: sum("quantize_per_tensor" in str(n.target) for n in g.graph.nodes)  # noqa: E731
+    assert kinds(repaired) < kinds(gm)  # pairs removed from the copy only
+    assert cosine(T.run_torch_batch1(gm, held), ref) == pytest.approx(all_int8)
+
+
+def test_peak_probe_measures_once_per_cpu_and_thread_count(tmp_path):
+    cache = tmp_path / "peak.json"
+    first = B.measure_peak(1, cache=cache)
+    data = json.loads(cache.read_text())
+    (key,) = data
+    assert first > 1.0 and key.endswith("|1|mlas")  # onnxruntime's MLAS GEMM, not PyTorch's MKL
+    data[key] = 123.0
+    cache.write_text(json.dumps(data))
+    assert B.measure_peak(1, cache=cache) == 123.0  # cached: no second measurement
+    assert B.measure_peak(1, cache=cache, refresh=True) != 123.0

@@ -154,3 +154,32 @@ def test_static_int8_uint8_pixels_calibrated_on_real_images(tmp_path):
     # the file follows the quantise-simulated PyTorch model closely (conversion is faithful)
     assert res.parity.vs_simulated["cosine"] > 0.98
     assert res.card["calibration"] == {"data": "fashion-mnist", "split": "train", "images": 16}
+
+
+def test_int8_search_keeps_the_breaking_module_float_and_the_file_follows_it(tmp_path):
+    """Plain static int8 misses parity (one module's output needs a 1000× wider scale); the search
+    keeps that module float, says so in the card, and the file is converted from the searched graph."""
+    from test_export_targets import _outlier_cnn
+
+    from robkit.export.exporter import export_model
+    from robkit.export.targets import get_target
+
+    net = _outlier_cnn()
+    res = export_model(
+        net,
+        get_target("android-tflite-int8"),
+        tmp_path / "outlier",
+        calibration_images=16,
+        parity_images=16,
+        meta={"normalization": {"mean": MEAN, "std": STD}, "resolution": RES},
+    )
+    q = res.card["quantization"]
+    assert q["search"][0]["float_layers"] == 0 and q["search"][0]["cosine"] < 0.98  # plain int8 misses
+    assert q["float_layers"][0] == "student.2" and len(q["float_layers"]) <= 2  # inside the export wrapper
+    assert "drops output cosine" in q["reasons"]["student.2"]
+    assert res.passed and res.parity.vs_simulated["cosine"] > 0.999
+    u8, _ = load_images("fashion-mnist", "test", 8, RES, offset=400)
+    x = normalised(u8)
+    with torch.no_grad():
+        ref = net(x)
+    assert cos(run_litert(res.path, x.permute(0, 2, 3, 1).contiguous().numpy()), ref) > 0.98

@@ -28,10 +28,13 @@ from robkit.export.parity import ParityError, ParityReport, compare
 from robkit.export.quantize import (
     MixedPrecisionPlan,
     cosine,
+    fold_weight_quantization,
+    graph_sensitivity,
     layer_sensitivity,
     node_filter,
     quantizable_layers,
     search_float_layers,
+    strip_quantization,
 )
 from robkit.export.targets import ExportTarget, validate
 from robkit.export.wrappers import build_export_module, make_inputs
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 SEARCH_IMAGES = 32  # calibration images the mixed-precision search scores candidates on
+RANKING_IMAGES = 8  # search images each module's int8 damage is measured on (PT2E ranking)
 
 
 @dataclass
@@ -55,9 +59,10 @@ class ExportResult:
 
 
 def _plan_static_int8(
-    module: nn.Module, calib: torch.Tensor, evaluate, min_cosine: float, is_vit: bool, keep_sensitive: bool
+    evaluate, rank, min_cosine: float, is_vit: bool, keep_sensitive: bool
 ) -> MixedPrecisionPlan:
-    """All int8 if that meets the threshold on calibration images, else the sensitivity search."""
+    """All int8 if that meets the threshold on the search images, else the sensitivity search
+    over ``rank()`` (computed only when needed)."""
     ops = (
         "Conv/Linear only (LayerNorm, Softmax, GELU, attention stay float)" if is_vit else "all supported ops"
     )
@@ -66,8 +71,7 @@ def _plan_static_int8(
     if c0 >= min_cosine + 0.005 or not keep_sensitive:
         plan.met = c0 >= min_cosine
         return plan
-    ranking = layer_sensitivity(module, calib[:SEARCH_IMAGES], quantizable_layers(module))
-    searched = search_float_layers(ranking, evaluate, min_cosine)
+    searched = search_float_layers(rank(), evaluate, min_cosine)
     searched.history = plan.history + [h for h in searched.history if h["float_layers"] > 0]
     searched.quantized_ops = ops
     return searched
@@ -261,7 +265,11 @@ def _onnx(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, 
             fp32_path, cal_x.numpy(), search_x.numpy(), search_ref, bn_map, cosine, **qkw
         )
         plan = _plan_static_int8(
-            module, cal_x, evaluate, target.parity["min_cosine"], is_vit, q.get("keep_sensitive_float", True)
+            evaluate,
+            lambda: layer_sensitivity(module, cal_x[:SEARCH_IMAGES], quantizable_layers(module)),
+            target.parity["min_cosine"],
+            is_vit,
+            q.get("keep_sensitive_float", True),
         )
         O.quantize_onnx(
             fp32_path,
@@ -275,32 +283,39 @@ def _onnx(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, 
     return outputs, None, conversion, plan, ""
 
 
-def _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit, **pt2e_kw):
-    """PT2E static int8 (litert-torch's quantiser by default, XNNPACK's for ExecuTorch) with the layers
-    the sensitivity search keeps in float: ``(plan, quantised graph module, quantizer)``."""
+def _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit, quantizer_factory=None, fold=False):
+    """PT2E static int8 (litert-torch's quantiser by default, XNNPACK's for ExecuTorch) with the units
+    the sensitivity search keeps in float: ``(plan, quantised graph module, quantizer)``.
+
+    One export, one calibration on every calibration image: the search ranks the modules of that
+    graph once and scores each candidate by removing the quantise/dequantise pairs of its float
+    modules (no re-calibration) and running it on the search images, which were not used for
+    calibration.  The returned graph is the chosen candidate itself, so the file is converted from
+    exactly the model the search scored."""
     from robkit.export import tflite_format as T
 
+    program = torch.export.export(module, (example,))
+    gm, quantizer = T.pt2e_quantize(
+        program, example, cal_x, node_filter([], module, is_vit), quantizer_factory=quantizer_factory
+    )
     with torch.no_grad():
         search_ref = module(search_x)
 
     def evaluate(float_layers: list[str]) -> float:
-        gm, _ = T.pt2e_quantize(
-            module, example, cal_x[:SEARCH_IMAGES], node_filter(float_layers, module, is_vit), **pt2e_kw
-        )
-        return cosine(T.run_torch_batch1(gm, search_x), search_ref)
+        candidate = strip_quantization(gm, float_layers) if float_layers else gm
+        return cosine(T.run_torch_batch1(candidate, search_x), search_ref)
 
     plan = _plan_static_int8(
-        module,
-        cal_x,
         evaluate,
+        lambda: graph_sensitivity(gm, search_x[:RANKING_IMAGES], search_ref[:RANKING_IMAGES]),
         target.parity["min_cosine"],
         is_vit,
         target.quantization.get("keep_sensitive_float", True),
     )
-    gm, quantizer = T.pt2e_quantize(
-        module, example, cal_x, node_filter(plan.float_layers, module, is_vit), **pt2e_kw
-    )
-    return plan, gm, quantizer
+    chosen = strip_quantization(gm, plan.float_layers)
+    if fold:
+        chosen = fold_weight_quantization(chosen)
+    return plan, chosen, quantizer
 
 
 def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, **_):
@@ -392,7 +407,7 @@ def _executorch(*, module, target, out, tmp, example, cal_x, par_x, is_vit, sear
             search_x,
             is_vit,
             quantizer_factory=E.xnnpack_quantizer,
-            fold_quantize=True,
+            fold=True,
         )
         simulated = T.run_torch_batch1(gm, par_x)
         conversion = E.lower(gm, example, out)

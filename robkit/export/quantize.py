@@ -5,12 +5,21 @@ measured: hard-swish, squeeze-excitation and depthwise layers have activation ra
 8-bit scale cannot cover) and ViTs when LayerNorm/Softmax/GELU/attention are quantised.  The
 fix used here is the standard mixed-precision PTQ recipe:
 
-1. *Sensitivity*: quantise one Conv/Linear layer at a time in a PyTorch simulation (weights
-   symmetric per output channel, input activation asymmetric per tensor from calibration
-   min/max, the schemes of ORT QDQ / PT2E) and measure the cosine of the model output to fp32
-   on calibration images.  Low cosine = sensitive.
+1. *Sensitivity*, two kinds:
+   - ONNX (only Conv/MatMul/Gemm are quantised there): quantise one Conv/Linear layer at a time
+     in a PyTorch simulation (weights symmetric per output channel, input activation
+     asymmetric per tensor from calibration min/max, the schemes of ORT QDQ) and measure the
+     cosine of the model output to fp32.  Low cosine = sensitive.
+   - PT2E (TFLite, ExecuTorch), where every supported op is quantised: quantise and calibrate
+     the whole graph *once*, then, module by module, leave only that module's quantise/dequantise
+     pairs active and measure the output cosine.  Hard-swish outputs, squeeze-excitation
+     products, residual sums and the pooled embedding are ranked alongside the convolutions: on
+     MobileNetV3 much of the damage is outside Conv/Linear, so a Conv/Linear-only ranking cannot
+     repair it.  (Ranking by the error each pair adds to its own tensor was tried and is far
+     worse: it ignores how much the network amplifies the error downstream.)
 2. *Search*: quantise everything, evaluate the real backend's quantised model; while it misses
-   the target's threshold, keep the next most sensitive layers in float (1, 2, 4, 8, … of them).
+   the target's threshold, keep the next most sensitive units in float (1, 2, 4, 8, … of them),
+   then bisect between the last miss and the first hit for the fewest float units.
 3. For ViTs only Conv/Linear (ONNX Conv/MatMul/Gemm) are quantised at all: LayerNorm, Softmax
    and GELU stay float (quantising them collapses ViT-Tiny to cosine 0.41–0.62).
 
@@ -19,6 +28,8 @@ The layers left in float and why are returned so that the card can say so.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +46,9 @@ class LayerSensitivity:
 
     name: str
     cosine: float
+
+    def reason(self, rank: int, total: int) -> str:
+        return f"int8 alone drops output cosine to {self.cosine:.4f} (rank {rank} of {total} by sensitivity)"
 
 
 @dataclass
@@ -129,37 +143,48 @@ def search_float_layers(
     evaluate: Callable[[list[str]], float],
     min_cosine: float,
     margin: float = 0.005,
-    max_float_fraction: float = 0.5,
+    max_float_fraction: float = 1.0,
 ) -> MixedPrecisionPlan:
     """Keep the fewest most-sensitive layers in float so the real quantised model meets ``min_cosine``.
 
     ``evaluate(float_layers)`` builds and runs the backend's quantised model (calibration
-    images) and returns its cosine to fp32.  ``margin`` guards the held-out parity check.
+    images) and returns its cosine to fp32; the caller has already found that no float layer
+    misses.  ``margin`` guards the held-out parity check.  Costs about ``2·log2(k)`` evaluations
+    for ``k`` float layers.
     """
     plan = MixedPrecisionPlan()
-    limit = max(1, int(len(ranking) * max_float_fraction))
-    steps, k = [0], 1
-    while k < limit:
-        steps.append(k)
-        k *= 2
-    steps.append(limit)
-    best: tuple[float, int] = (-1.0, 0)
-    for k in dict.fromkeys(steps):
-        c = evaluate([s.name for s in ranking[:k]])
-        plan.history.append({"float_layers": k, "cosine": round(c, 5)})
-        if c > best[0]:
-            best = (c, k)
-        if c >= min_cosine + margin:
-            best = (c, k)
+    goal = min_cosine + margin
+    names = [s.name for s in ranking]
+    limit = max(1, math.ceil(len(ranking) * max_float_fraction))
+    tried: dict[int, float] = {}
+
+    def score(k: int) -> float:
+        if k not in tried:
+            tried[k] = evaluate(names[:k])
+            plan.history.append({"float_layers": k, "cosine": round(tried[k], 5)})
+        return tried[k]
+
+    # doubling: the first k that meets the goal, and the last one that did not
+    lo, hi, k = 0, None, 1
+    while hi is None:
+        k = min(k, limit)
+        if score(k) >= goal:
+            hi = k
+        elif k == limit:
             break
-    else:
+        else:
+            lo, k = k, k * 2
+    if hi is None:
         plan.met = False
-    k = best[1]
-    plan.float_layers = [s.name for s in ranking[:k]]
-    plan.reasons = {
-        s.name: f"int8 alone drops output cosine to {s.cosine:.4f} (rank {i + 1} of {len(ranking)} by sensitivity)"
-        for i, s in enumerate(ranking[:k])
-    }
+        best = max(tried, key=lambda j: (tried[j], -j))
+    else:
+        # bisect (to within 1/8 of the float count) for the fewest float units that still meet it
+        while hi - lo > max(1, hi // 8):
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if score(mid) >= goal else (mid, hi)
+        best = hi
+    plan.float_layers = names[:best]
+    plan.reasons = {s.name: s.reason(i + 1, len(ranking)) for i, s in enumerate(ranking[:best])}
     return plan
 
 
@@ -205,3 +230,103 @@ def bn_to_conv(program: torch.export.ExportedProgram) -> dict[str, str]:
             if hasattr(src, "target") and "conv" in str(src.target):
                 out[module_path(n)] = module_path(src)
     return out
+
+
+def _is_quantize(n) -> bool:
+    t = str(n.target)
+    return n.op == "call_function" and ".quantize_per_" in t and "dequantize" not in t
+
+
+def _is_dequantize(n) -> bool:
+    return n.op == "call_function" and ".dequantize_per_" in str(n.target)
+
+
+def _unit_of(q) -> str:
+    """The module a quantise node belongs to: its producer's, or for parameters and graph inputs
+    (which have none) the module of its first consumer."""
+    src = q.args[0]
+    path = module_path(src) if src.op == "call_function" else ""
+    if not path:
+        for dq in q.users:
+            for user in dq.users:
+                path = module_path(user)
+                if path:
+                    break
+    return path
+
+
+class _PartialQuant(torch.fx.Interpreter):
+    """Runs a PT2E-converted graph with only the quantise/dequantise pairs of ``enabled`` units active;
+    every other pair passes its float input through."""
+
+    def __init__(self, gm: torch.fx.GraphModule, unit: dict[str, str], enabled: set[str]) -> None:
+        super().__init__(gm)
+        self.unit, self.enabled, self.inputs = unit, enabled, {}
+
+    def run_node(self, n):
+        if _is_quantize(n):
+            self.inputs[n.name] = self.env[n.args[0]]
+        elif _is_dequantize(n) and _is_quantize(n.args[0]) and self.unit[n.args[0].name] not in self.enabled:
+            return self.inputs[n.args[0].name]
+        return super().run_node(n)
+
+
+@torch.no_grad()
+def graph_sensitivity(
+    gm: torch.fx.GraphModule, calib: torch.Tensor, reference: torch.Tensor
+) -> list[LayerSensitivity]:
+    """Per-module int8 sensitivity inside a PT2E-converted graph (``fold_quantize=False``).
+
+    A module's units are the quantise→dequantise pairs of its outputs and weights (graph inputs
+    count for their first consumer).  For each module, only its pairs are left active, with the
+    scales calibrated for the whole graph, and the cosine of the output to ``reference`` (fp32 on
+    ``calib``) is measured: the damage int8 does there including how the network amplifies it.
+    ``calib`` runs one sample at a time (PT2E graphs keep the example's batch size).  Most
+    sensitive first; modules without a path (graph glue) are left out, they cannot be excluded.
+    """
+    unit = quantized_units(gm)
+    out = []
+    for name in sorted({u for u in unit.values() if u}):
+        run = _PartialQuant(gm, unit, {name})
+        y = torch.cat([run.run(calib[i : i + 1]) for i in range(len(calib))])
+        out.append(LayerSensitivity(name, cosine(y, reference)))
+    return sorted(out, key=lambda s: s.cosine)
+
+
+def quantized_units(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Quantise node name -> the module path it is attributed to."""
+    return {n.name: _unit_of(n) for n in gm.graph.nodes if _is_quantize(n)}
+
+
+def strip_quantization(gm: torch.fx.GraphModule, float_layers: list[str]) -> torch.fx.GraphModule:
+    """A copy of a PT2E-converted graph (``fold_quantize=False``) with the quantise/dequantise pairs of
+    ``float_layers`` removed, so those modules compute (and hand on) float values; the scales of
+    every other pair stay those calibrated for the whole graph."""
+    out = copy.deepcopy(gm)
+    excluded = set(float_layers)
+    for n in list(out.graph.nodes):
+        if _is_quantize(n) and _unit_of(n) in excluded:
+            for dq in [u for u in n.users if _is_dequantize(u)]:
+                dq.replace_all_uses_with(n.args[0])
+                out.graph.erase_node(dq)
+            if not n.users:
+                out.graph.erase_node(n)
+    out.graph.eliminate_dead_code()
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+def fold_weight_quantization(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Pre-compute the int8 weights (what ``convert_pt2e(fold_quantize=True)`` does), for lowerings
+    that expect folded weights (ExecuTorch's XNNPACK partitioner)."""
+    from torchao.quantization.pt2e.constant_fold import constant_fold
+    from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
+
+    constant_fold(gm, _quant_node_constraint)
+    return gm
+
+
+def copy_program_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """A private, mutable copy of an exported program's module (PT2E preparation edits it in place)."""
+    return copy.deepcopy(program.module())

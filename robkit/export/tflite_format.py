@@ -75,7 +75,7 @@ def _filtered_quantizer(keep: Callable | None):
 
 
 def pt2e_quantize(
-    module: torch.nn.Module,
+    module: torch.nn.Module | torch.export.ExportedProgram,
     example: torch.Tensor,
     calib: torch.Tensor,
     keep: Callable | None,
@@ -90,8 +90,13 @@ def pt2e_quantize(
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from robkit.export.quantize import copy_program_module
+
     quantizer = (quantizer_factory or _filtered_quantizer)(keep)
-    gm = torch.export.export(module.eval(), (example,)).module()
+    if isinstance(module, torch.export.ExportedProgram):  # exported once, re-used by every search step
+        gm = copy_program_module(module)
+    else:
+        gm = torch.export.export(module.eval(), (example,)).module()
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for i in range(len(calib)):
