@@ -207,3 +207,45 @@ def test_bench_table_json_plot_and_card_latency(setup, fp32_file, tmp_path):
     assert png.stat().st_size > 1000
     card = json.loads((path.parent / "m.onnx.json").read_text())
     assert card["latency"]["1t"]["median_ms"] == onnx_row["median_ms"]
+
+
+def test_eval_runs_the_exported_file_itself(setup, fp32_file):
+    """`robkit eval knn FILE` embeds through the file's runtime: an fp32 file gives the checkpoint's
+    accuracy; an NHWC uint8 int8 file is fed raw pixels; a Core ML package says it needs macOS."""
+    from robkit.evaluation.api import evaluate
+    from robkit.export.exporter import export_model
+    from robkit.export.filemodel import ExportedFileModel
+    from robkit.export.targets import resolve_target
+
+    d, student = setup
+    path, _ = fp32_file
+    limits = ["--train-limit", "300", "--test-limit", "100", "--json"]
+    r_file = CliRunner().invoke(main, ["eval", "knn", str(path), *limits])
+    r_ckpt = CliRunner().invoke(main, ["eval", "knn", str(d / "ckpt.pt"), *limits])
+    assert r_file.exit_code == 0 and r_ckpt.exit_code == 0, r_file.output + r_ckpt.output
+    res_file = json.loads(r_file.output[r_file.output.index("{") :])
+    res_ckpt = json.loads(r_ckpt.output[r_ckpt.output.index("{") :])
+    assert res_file["exported"]["runtime"] == "onnxruntime" and res_file["resolution"] == RES
+    assert res_file["knn"]["accuracy"] == pytest.approx(res_ckpt["knn"]["accuracy"], abs=0.011)
+
+    target = resolve_target(target="onnx-int8-cpu", layout="NHWC", input_dtype="uint8")
+    q = export_model(
+        student,
+        target,
+        d / "u8",
+        calibration_images=32,
+        parity_images=16,
+        meta={"normalization": {"mean": MEAN, "std": STD}, "resolution": RES},
+    )
+    u8, _ = load_images("fashion-mnist", "test", 6, RES, offset=300)
+    with torch.no_grad():
+        feats = ExportedFileModel(q.path)(normalised(u8))
+        ref = student(normalised(u8))
+    assert cos(feats, ref) > 0.98  # the wrapper undid the normalisation into the pixels the file wants
+    assert cos(feats, run_ort(q.path, u8.permute(0, 2, 3, 1).contiguous().numpy())) > 0.9999
+    with pytest.raises(ValueError, match="fixed at export"):
+        evaluate(str(q.path), resolution=64, train_limit=10, test_limit=10)
+    pkg = d / "m.mlpackage"
+    pkg.mkdir()
+    r = CliRunner().invoke(main, ["eval", "knn", str(pkg)])
+    assert r.exit_code != 0 and "macOS" in r.output

@@ -94,10 +94,46 @@ def _resolve_model(model_or_ckpt, resolution, mean, std, device) -> tuple[nn.Mod
         }
     if isinstance(model_or_ckpt, str) and model_or_ckpt == PIXELS:
         return None, {"checkpoint": PIXELS, "resolution": resolution, "mean": mean, "std": std}
+    from robkit.export.filemodel import ExportedFileModel, is_exported_file
+
+    if isinstance(model_or_ckpt, (str, os.PathLike)) and Path(model_or_ckpt).suffix in (
+        ".mlpackage",
+        ".mlmodel",
+    ):
+        raise ValueError(
+            f"{model_or_ckpt} is a Core ML model, which only runs on macOS/iOS; evaluate its checkpoint "
+            "here, or an ONNX/TFLite export of the same student to see the effect of export."
+        )
+    if is_exported_file(model_or_ckpt):
+        # The file's card fixes the input; evaluating it at another size or normalisation would
+        # not measure what the app computes.
+        model = ExportedFileModel(model_or_ckpt)
+        card = model.card
+        if resolution is not None and int(resolution) != model.resolution:
+            raise ValueError(
+                f"{model_or_ckpt} takes {model.resolution} px inputs (fixed at export); drop --resolution "
+                f"or export again at {resolution} px."
+            )
+        return model, {
+            "checkpoint": str(model_or_ckpt),
+            "resolution": model.resolution,
+            "mean": model.mean,
+            "std": model.std,
+            "arch": card.get("arch"),
+            "method": card.get("method"),
+            "exported": {
+                "format": card.get("format"),
+                "precision": card.get("precision"),
+                "target": card.get("target"),
+                "runtime": model.runtime,
+                "status": card.get("status"),
+            },
+        }
     if not isinstance(model_or_ckpt, dict) and not Path(model_or_ckpt).is_file():
         raise CheckpointError(
             f"checkpoint {model_or_ckpt} not found; pass a robkit checkpoint (e.g. RUN/checkpoint.pt from "
-            "`robkit pretrain` or `robkit distill`) or `pixels` for the raw-pixel baseline."
+            "`robkit pretrain` or `robkit distill`), a file from `robkit export` (.onnx, .tflite, .pte) "
+            "or `pixels` for the raw-pixel baseline."
         )
     student, meta = load_student(model_or_ckpt)
     norm = meta.get("normalization") or {}
@@ -138,7 +174,8 @@ def evaluate(
     """Evaluate frozen features on ``data`` → a JSON-ready dict of results (accuracies in [0, 1]).
 
     ``checkpoint_or_model``: a robkit checkpoint path or dict (resolution and normalisation come
-    from it unless given), a module mapping ``[B, 3, R, R]`` → ``[B, D]`` (give ``resolution``,
+    from it unless given), a file from ``robkit export`` (.onnx/.tflite/.pte, run in its own
+    runtime: the accuracy the app gets, int8 rounding included), a module mapping ``[B, 3, R, R]`` → ``[B, D]`` (give ``resolution``,
     ``mean``, ``std``), or ``"pixels"`` for the raw-pixel floor.  ``which`` ⊆ {knn, linear, lowshot}.
     With ``probe_path`` the linear probe is saved there (:func:`save_probe`).
     """
@@ -179,6 +216,7 @@ def evaluate(
         **{key: info[key] for key in ("checkpoint", "resolution") if key in info},
         "arch": info.get("arch"),
         "method": info.get("method"),
+        **({"exported": info["exported"]} if "exported" in info else {}),
         "data": str(data),
         "num_train": int(x_tr.shape[0]),
         "num_test": int(x_te.shape[0]),

@@ -45,13 +45,14 @@ def _run(which: str, checkpoint: str, out: str | None, as_json: bool, **kw: Any)
     from robkit.data.datasets import DataError
     from robkit.engine.checkpoint import CheckpointError
     from robkit.evaluation.api import evaluate
+    from robkit.export.executorch_format import ExecuTorchMissing
 
     probe_path = None
     if which == "linear" and out is not None:
         probe_path = Path(out).with_name(Path(out).stem + PROBE_SUFFIX)
     try:
         results = evaluate(checkpoint, which=(which,), progress=not as_json, probe_path=probe_path, **kw)
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, ExecuTorchMissing) as e:
         raise click.ClickException(str(e)) from e
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -76,13 +77,15 @@ def _footer(results: dict[str, Any], out: str | None, next_cmd: str) -> None:
 def eval_group() -> None:
     """Evaluate frozen features: weighted kNN, linear probe, low-shot.
 
-    CHECKPOINT is a robkit checkpoint (from `robkit pretrain` / `robkit distill`) or `pixels`
-    for the raw-pixel floor.
+    CHECKPOINT is a robkit checkpoint (from `robkit pretrain` / `robkit distill`), a file from
+    `robkit export` (.onnx, .tflite, .pte: run in its own runtime, so int8 rounding is measured),
+    or `pixels` for the raw-pixel floor.
 
     \b
     Examples:
       robkit eval knn pixels                       (raw-pixel floor on Fashion-MNIST)
       robkit eval knn RUN/checkpoint.pt --train-limit 10000
+      robkit eval knn exports/model-int8.tflite --train-limit 10000   (what the app computes)
       robkit eval linear RUN/checkpoint.pt --out RUN/eval/linear.json
       robkit eval lowshot RUN/checkpoint.pt --data photos/
     """

@@ -171,24 +171,9 @@ def file_runner(path: Path, threads: int) -> Runner:
         )
     x = sample_input(card)
     size = cards.file_bytes(path) / 1e6
-    fmt = card.get("format")
-    if fmt == "onnx":
-        from robkit.export.onnx_format import OnnxRunner
+    from robkit.export.filemodel import open_runner
 
-        r = OnnxRunner(path, threads)
-        runtime = "onnxruntime"
-    elif fmt == "tflite":
-        from robkit.export.tflite_format import TFLiteRunner
-
-        r = TFLiteRunner(path, threads)
-        runtime = "litert"
-    elif fmt == "executorch":
-        from robkit.export.executorch_format import ExecuTorchRunner
-
-        r = ExecuTorchRunner(path, threads)
-        runtime = "executorch"
-    else:
-        raise ValueError(f"{path}: {fmt} files cannot run on this machine")
+    r, runtime = open_runner(path, card, threads)
     parity = (card.get("parity") or {}).get("cosine")
     return Runner(
         f"{path.name}",

@@ -1,0 +1,83 @@
+"""An exported file (ONNX, TFLite, ExecuTorch) as a module, so frozen-feature evaluation can measure
+what the *file* computes: ``robkit eval knn model.tflite`` gives the accuracy an app will see,
+int8 rounding included, next to the PyTorch checkpoint's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robkit.export import card as cards
+
+SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "executorch"}
+
+
+class ExportError(ValueError):
+    """An exported file that cannot be run here (no card, or a runtime this machine lacks)."""
+
+
+def is_exported_file(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and Path(path).suffix in SUFFIXES and Path(path).is_file()
+
+
+def open_runner(path: str | os.PathLike, card: dict[str, Any], threads: int) -> tuple[Any, str]:
+    """``(runner, runtime name)``; ``runner(x)`` runs one input, ``runner.run_batches(x)`` many."""
+    fmt = card.get("format")
+    if fmt == "onnx":
+        from robkit.export.onnx_format import OnnxRunner
+
+        return OnnxRunner(path, threads), "onnxruntime"
+    if fmt == "tflite":
+        from robkit.export.tflite_format import TFLiteRunner
+
+        return TFLiteRunner(path, threads), "litert"
+    if fmt == "executorch":
+        from robkit.export.executorch_format import ExecuTorchRunner, require_executorch
+
+        require_executorch()
+        return ExecuTorchRunner(path, threads), "executorch"
+    raise ExportError(
+        f"{path}: {fmt} files cannot run on this machine (Core ML needs macOS); "
+        "run an ONNX, TFLite or ExecuTorch export instead."
+    )
+
+
+class ExportedFileModel(nn.Module):
+    """``normalised float [B, 3, R, R] -> the file's output [B, D]``, through the file's own runtime.
+
+    The input is converted to the file's contract (its card): NHWC layout, and for uint8 files
+    the raw pixels (normalisation undone and rounded, as an app would feed them)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        card = cards.read_card(self.path)
+        if card is None:
+            raise ExportError(
+                f"{self.path} has no card ({cards.card_path(self.path).name}) saying how to feed it; "
+                "export it with `robkit export`, which writes the card next to the file."
+            )
+        self.card = card
+        self.runner, self.runtime = open_runner(self.path, card, threads or torch.get_num_threads())
+        spec = card["input"]
+        self.resolution = int(spec["resolution"])
+        self.nhwc = spec["layout"] == "NHWC"
+        self.uint8 = spec["dtype"] == "uint8"
+        norm = card.get("normalization") or {}
+        self.mean = list(norm.get("mean", (0.485, 0.456, 0.406)))
+        self.std = list(norm.get("std", (0.229, 0.224, 0.225)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uint8:
+            m = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
+            s = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+            x = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+        if self.nhwc:
+            x = x.permute(0, 2, 3, 1)
+        y = self.runner.run_batches(np.ascontiguousarray(x.cpu().numpy()))
+        return torch.from_numpy(np.asarray(y, dtype=np.float32))
