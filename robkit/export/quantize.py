@@ -311,10 +311,27 @@ def strip_quantization(gm: torch.fx.GraphModule, float_layers: list[str]) -> tor
                 out.graph.erase_node(dq)
             if not n.users:
                 out.graph.erase_node(n)
+    # An op whose activation input or output is now float computes in float: give it its float
+    # weights too (a float op with int8 weights is neither what the search meant nor something
+    # every delegate runs: XNNPACK leaves it to a portable kernel ExecuTorch does not ship).
+    for n in list(out.graph.nodes):
+        if _is_dequantize(n) and _is_quantize(n.args[0]) and n.args[0].args[0].op == "get_attr":
+            for user in list(n.users):
+                if not _runs_int8(user, n):
+                    user.replace_input_with(n, n.args[0].args[0])
     out.graph.eliminate_dead_code()
     out.graph.lint()
     out.recompile()
     return out
+
+
+def _runs_int8(op, weight) -> bool:
+    """Whether ``op`` (a Conv/Linear reading the dequantised ``weight``) still has an int8 input and
+    an int8 output, the latter directly or after one fused activation (conv → relu → quantise)."""
+    act = op.args[0] if op.args else None
+    if act is weight or not (hasattr(act, "op") and _is_dequantize(act)):
+        return False
+    return any(_is_quantize(u) or any(_is_quantize(v) for v in u.users) for u in op.users)
 
 
 def fold_weight_quantization(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
