@@ -1,0 +1,143 @@
+"""What export costs in accuracy: trained students, fp32 PyTorch vs each exported file, on Fashion-MNIST.
+
+For every run folder (``checkpoint.pt`` and, if present, the ``probe.pt`` that ``robkit eval linear``
+or the demo wrote), the student is exported to each target with robkit's ``export_model``
+(calibration on training images, parity on held-out test images, int8 with the sensitivity
+search), then the evaluation images are embedded twice, by the PyTorch checkpoint and by the file
+in its own runtime, and compared on:
+
+* weighted kNN top-1 (DINO's protocol, k=20, T=0.07) of the file's own embeddings, and
+* linear-probe top-1 with the probe fitted on the *fp32* features applied to the file's
+  embeddings: what an app that ships the probe as its classifier gets.
+
+    python benchmarks/bench_int8_accuracy.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/int8-accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import torch  # noqa: E402
+
+from robkit.engine.checkpoint import load_student  # noqa: E402
+from robkit.evaluation.api import open_eval_splits  # noqa: E402
+from robkit.evaluation.features import extract_features  # noqa: E402
+from robkit.evaluation.knn import knn_accuracy  # noqa: E402
+from robkit.evaluation.linear import load_probe  # noqa: E402
+from robkit.export.exporter import export_model  # noqa: E402
+from robkit.export.filemodel import ExportedFileModel  # noqa: E402
+from robkit.export.targets import get_target  # noqa: E402
+
+TARGETS = ["android-tflite-fp32", "android-tflite-int8", "onnx-int8-cpu", "executorch-xnnpack-int8"]
+
+
+def _probe_top1(probe, feats: torch.Tensor, labels: torch.Tensor) -> float | None:
+    if probe is None:
+        return None
+    with torch.no_grad():
+        return float((probe(feats).argmax(1) == labels).float().mean())
+
+
+def bench_run(run: Path, targets: list[str], train_limit: int, test_limit: int, tmp: Path) -> list[dict]:
+    ckpt = run / "checkpoint.pt"
+    student, meta = load_student(ckpt)
+    probe = load_probe(run / "probe.pt")[0] if (run / "probe.pt").is_file() else None
+    res = int(meta.get("resolution") or 32)
+    norm = meta.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    train_ds, test_ds = open_eval_splits("fashion-mnist", train_limit, test_limit, canvas_px=res)
+
+    def embed(model):
+        kw = {"progress": False, "batch_size": 256}
+        tr = extract_features(model, train_ds, res, norm["mean"], norm["std"], **kw)
+        te = extract_features(model, test_ds, res, norm["mean"], norm["std"], **kw)
+        return tr, te
+
+    (x_tr, y_tr), (x_te, y_te) = embed(student)
+    base_knn = knn_accuracy(x_tr, y_tr, x_te, y_te)
+    base_probe = _probe_top1(probe, x_te, y_te)
+    name = f"{run.name} ({student.arch}, {meta.get('method')}, {meta.get('progress', {}).get('global_step')} steps)"
+    rows = [{"run": name, "target": "pytorch fp32", "knn": base_knn, "probe": base_probe}]
+    print(f"{name}: pytorch fp32 kNN {base_knn:.4f} probe {base_probe}", flush=True)
+    for t in targets:
+        t0 = time.perf_counter()
+        try:
+            r = export_model(student, get_target(t), tmp / f"{run.name}-{t}", meta=meta, strict=False)
+        except Exception as e:  # an optional runtime missing must not hide the other rows
+            print(f"  {t}: export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            continue
+        (f_tr, _), (f_te, _) = embed(ExportedFileModel(r.path, threads=torch.get_num_threads()))
+        q = r.card.get("quantization") or {}
+        row = {
+            "run": name,
+            "target": t,
+            "knn": knn_accuracy(f_tr, y_tr, f_te, y_te),
+            "probe": _probe_top1(probe, f_te, y_te),
+            "parity_cosine": r.parity.cosine,
+            "passed": r.passed,
+            "float_layers": len(q.get("float_layers", [])),
+            "export_s": round(time.perf_counter() - t0, 1),
+        }
+        rows.append(row)
+        print(
+            f"  {t}: kNN {row['knn']:.4f} ({100 * (row['knn'] - base_knn):+.2f} pt), probe {row['probe']}, "
+            f"parity {row['parity_cosine']:.4f} ({'met' if row['passed'] else 'FAILED'}), "
+            f"{row['float_layers']} float units, {row['export_s']} s",
+            flush=True,
+        )
+    return rows
+
+
+def _pct(v: float | None, base: float | None = None) -> str:
+    if v is None:
+        return "-"
+    s = f"{100 * v:.2f}"
+    return s + (f" ({100 * (v - base):+.2f})" if base is not None else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--train-limit", type=int, default=10000)
+    ap.add_argument("--test-limit", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8-accuracy"))
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for run in args.runs:
+            rows += bench_run(run, args.targets.split(","), args.train_limit, args.test_limit, Path(d))
+    lines = [
+        "| student run | target | parity cos | float units | kNN top-1 % (Δ pt) | fp32 probe top-1 % (Δ pt) |",
+        "|---|---|---|---|---|---|",
+    ]
+    base: dict[str, dict] = {}
+    for r in rows:
+        if r["target"] == "pytorch fp32":
+            base[r["run"]] = r
+            lines.append(f"| {r['run']} | PyTorch fp32 | - | - | {_pct(r['knn'])} | {_pct(r['probe'])} |")
+            continue
+        b = base[r["run"]]
+        status = f"{r['parity_cosine']:.4f}" + ("" if r["passed"] else " (FAILED)")
+        lines.append(
+            f"| | {r['target']} | {status} | {r['float_layers']} | {_pct(r['knn'], b['knn'])} | "
+            f"{_pct(r['probe'], b['probe'])} |"
+        )
+    text = "\n".join(lines) + f"\n\nevaluation: {args.train_limit} train / {args.test_limit} test images\n"
+    (args.out / "int8_accuracy.md").write_text(text)
+    (args.out / "int8_accuracy.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
