@@ -1,7 +1,7 @@
 """Every official checkpoint layout loads and matches an independent forward pass.
 
 Checkpoints are generated in ``tmp_path`` with tiny sizes but the key names and nesting of
-the released files (``shared/reference/teachers.md``).  Backbones are checked against a timm /
+the released files (see ``robkit/teachers/layouts.py``).  Backbones are checked against a timm /
 reference network loaded separately; the head math (MLP, BatchNorm in eval mode, L2 norm,
 ``g * v / ||v||``, cosine with normalised prototypes) is recomputed here with plain torch ops
 from the state-dict tensors.

@@ -3,7 +3,7 @@
 One adapter per family turns the loaded object into a :class:`TeacherSpec`: the backbone and
 head state dicts with the prefixes the official training code added stripped, and the
 architecture and head hyper-parameters inferred from tensor shapes
-(``shared/reference/teachers.md`` §0 has the layouts):
+(as the official repositories release them):
 
 * DINO  ``{student, teacher, optimizer, epoch, args, dino_loss}``; ``teacher`` keys
   ``[module.]backbone.*`` / ``[module.]head.*``.

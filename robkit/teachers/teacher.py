@@ -2,7 +2,7 @@
 
 A teacher maps images normalised with its own ``mean``/``std`` to a :class:`TeacherOutput`:
 the backbone's evaluation representation and the head's logits over its prototypes, computed
-as the official code computes them (``shared/reference/teachers.md``):
+as the official code computes them:
 
 * DINO / iBOT: ``mlp`` → L2-normalise → weight-normalised ``last_layer`` (iBOT: the patch
   tokens through ``last_layer2``).  RoB uses ``softmax(logits / 0.07)``.
