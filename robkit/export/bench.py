@@ -70,6 +70,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _best_seconds(call: Callable[[], Any], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up call."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def _sgemm_seconds_onnxruntime(n: int, threads: int, repeats: int) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -81,13 +92,7 @@ def _sgemm_seconds_onnxruntime(n: int, threads: int, repeats: int) -> float:
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {k: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for k in "ab"}
-    sess.run(None, feed)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return _best_seconds(lambda: sess.run(None, feed), repeats)
 
 
 def _sgemm_seconds_torch(n: int, threads: int, repeats: int) -> float:
@@ -95,13 +100,7 @@ def _sgemm_seconds_torch(n: int, threads: int, repeats: int) -> float:
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t)
-        return best
+        return _best_seconds(lambda: torch.mm(a, b), repeats)
     finally:
         torch.set_num_threads(old)
 
