@@ -17,8 +17,10 @@ fix used here is the standard mixed-precision PTQ recipe:
      MobileNetV3 much of the damage is outside Conv/Linear, so a Conv/Linear-only ranking cannot
      repair it.  (Ranking by the error each pair adds to its own tensor was tried and is far
      worse: it ignores how much the network amplifies the error downstream.)
-2. *Search*: quantise everything, evaluate the real backend's quantised model; while it misses
-   the target's threshold, keep the next most sensitive units in float (1, 2, 4, 8, … of them),
+2. *Search*: quantise everything and score the quantised model on held-out calibration images
+   (ONNX: onnxruntime's file; PT2E: the calibrated graph with the float modules' quantise/
+   dequantise pairs removed, the very graph the file is converted from); while it misses the
+   target's threshold, keep the next most sensitive units in float (1, 2, 4, 8, … of them),
    then bisect between the last miss and the first hit for the fewest float units.
 3. For ViTs only Conv/Linear (ONNX Conv/MatMul/Gemm) are quantised at all: LayerNorm, Softmax
    and GELU stay float (quantising them collapses ViT-Tiny to cosine 0.41–0.62).
