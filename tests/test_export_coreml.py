@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from export_helpers import MEAN, RES, STD
 from torch import nn
 
 from robkit.export.coreml_format import can_run_coreml
 from robkit.export.images import load_images
 from robkit.export.targets import get_target
 
-MEAN, STD = [0.286, 0.286, 0.286], [0.353, 0.353, 0.353]
-RES = 32
 LABELS = ["shirt", "shoe", "bag"]
 
 

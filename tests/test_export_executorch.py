@@ -7,18 +7,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from export_helpers import MEAN, RES, STD, normalised
 
 from robkit.export.images import load_images, reestimate_batchnorm
 from robkit.export.targets import get_target
 
-MEAN, STD = [0.286, 0.286, 0.286], [0.353, 0.353, 0.353]
-RES = 32
 HAVE_ET = importlib.util.find_spec("executorch") is not None
-
-
-def normalised(u8: torch.Tensor) -> torch.Tensor:
-    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (u8.float() / 255 - m) / s
 
 
 @pytest.mark.skipif(not HAVE_ET, reason="executorch is not installed (optional extra)")

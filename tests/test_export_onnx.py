@@ -8,30 +8,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from export_helpers import MEAN, RES, STD, cos, make_student, normalised
 from torch import nn
 
 from robkit.cli import main
 from robkit.engine.checkpoint import atomic_save, make_checkpoint
-from robkit.export.images import load_images, reestimate_batchnorm
-
-MEAN, STD = [0.286, 0.286, 0.286], [0.353, 0.353, 0.353]
-RES = 32
-
-
-def normalised(u8: torch.Tensor) -> torch.Tensor:
-    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (u8.float() / 255 - m) / s
+from robkit.export.images import load_images
 
 
 def make_student_checkpoint(path, arch: str = "resnet18"):
-    """An untrained student whose BatchNorm statistics are re-estimated on Fashion-MNIST, so it computes
-    non-degenerate features and int8 damage is measurable."""
-    from robkit.models.students import build_student
-
-    torch.manual_seed(0)
-    student = build_student(arch)
-    u8, _ = load_images("fashion-mnist", "train", 64, RES, offset=5000)
-    reestimate_batchnorm(student, normalised(u8))
+    """:func:`make_student` saved as a robkit checkpoint."""
+    student = make_student(arch)
     ckpt = make_checkpoint(
         kind="pretrain",
         method="dino",
@@ -53,11 +40,6 @@ def run_ort(path, x: np.ndarray) -> np.ndarray:
 
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return s.run(None, {s.get_inputs()[0].name: x})[0]
-
-
-def cos(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from export_helpers import outlier_cnn
 from torch import nn
 
 from robkit.export import bench as B
@@ -247,43 +248,13 @@ def test_macs_count_includes_attention_matmuls():
     assert macs == pytest.approx(linear + attention, rel=0.01)
 
 
-class _Amplified(nn.Module):
-    """Multiplies one channel by 1000: a per-tensor 8-bit scale on its output then rounds every
-    other channel to zero (the next layer divides it back, so fp32 is unchanged)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        gain = torch.ones(1, channels, 1, 1)
-        gain[0, 0] = 1000.0
-        self.register_buffer("gain", gain)
-
-    def forward(self, x):
-        return x * self.gain
-
-
-def _outlier_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        _Amplified(8),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    ).eval()
-    with torch.no_grad():
-        net[3].weight[:, 0] /= 1000.0
-    return net
-
-
 def test_graph_sensitivity_finds_the_module_whose_int8_output_breaks_the_model():
     """PT2E (litert-torch's quantiser): the all-int8 graph is calibrated once; the ranking names the
     amplifying module, and removing its quantise/dequantise pair alone repairs the output."""
     pytest.importorskip("litert_torch")
     from robkit.export import tflite_format as T
 
-    net = _outlier_cnn()
+    net = outlier_cnn()
     torch.manual_seed(1)
     calib, held = torch.randn(16, 3, 12, 12), torch.randn(8, 3, 12, 12)
     with torch.no_grad():

@@ -9,27 +9,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from export_helpers import MEAN, RES, STD, cos, make_student, normalised, outlier_cnn
 
 from robkit.cli import main
 from robkit.engine.checkpoint import atomic_save, make_checkpoint
-from robkit.export.images import load_images, reestimate_batchnorm
-
-MEAN, STD = [0.286, 0.286, 0.286], [0.353, 0.353, 0.353]
-RES = 32
-
-
-def normalised(u8: torch.Tensor) -> torch.Tensor:
-    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (u8.float() / 255 - m) / s
-
-
-def make_student(arch: str):
-    from robkit.models.students import build_student
-
-    torch.manual_seed(0)
-    student = build_student(arch)
-    u8, _ = load_images("fashion-mnist", "train", 64, RES, offset=5000)
-    return reestimate_batchnorm(student, normalised(u8))
+from robkit.export.images import load_images
 
 
 def run_litert(path, x: np.ndarray) -> np.ndarray:
@@ -51,11 +35,6 @@ def run_litert(path, x: np.ndarray) -> np.ndarray:
         oscale, ozero = out["quantization"]
         ys.append((y.astype(np.float32) - ozero) * oscale if y.dtype != np.float32 else y)
     return np.concatenate(ys)
-
-
-def cos(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +138,10 @@ def test_static_int8_uint8_pixels_calibrated_on_real_images(tmp_path):
 def test_int8_search_keeps_the_breaking_module_float_and_the_file_follows_it(tmp_path):
     """Plain static int8 misses parity (one module's output needs a 1000× wider scale); the search
     keeps that module float, says so in the card, and the file is converted from the searched graph."""
-    from test_export_targets import _outlier_cnn
-
     from robkit.export.exporter import export_model
     from robkit.export.targets import get_target
 
-    net = _outlier_cnn()
+    net = outlier_cnn()
     res = export_model(
         net,
         get_target("android-tflite-int8"),

@@ -1,0 +1,65 @@
+"""Shared fixtures-in-code of the export tests: the Fashion-MNIST normalisation the test students use,
+a BatchNorm-re-estimated untrained student, the parity metric, and a model whose int8 breaks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robkit.export.images import load_images, reestimate_batchnorm
+
+MEAN, STD = [0.286, 0.286, 0.286], [0.353, 0.353, 0.353]
+RES = 32
+
+
+def normalised(u8: torch.Tensor) -> torch.Tensor:
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (u8.float() / 255 - m) / s
+
+
+def make_student(arch: str, images: int = 64, offset: int = 5000):
+    """An untrained student whose BatchNorm statistics are re-estimated on Fashion-MNIST, so it computes
+    non-degenerate features and int8 damage is measurable."""
+    from robkit.models.students import build_student
+
+    torch.manual_seed(0)
+    student = build_student(arch)
+    u8, _ = load_images("fashion-mnist", "train", images, RES, offset=offset)
+    return reestimate_batchnorm(student, normalised(u8))
+
+
+def cos(a, b) -> float:
+    """Mean row cosine, computed independently of robkit's parity code."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+class Amplified(nn.Module):
+    """Multiplies one channel by 1000: a per-tensor 8-bit scale on its output then rounds every
+    other channel to zero (the next layer divides it back, so fp32 is unchanged)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        gain = torch.ones(1, channels, 1, 1)
+        gain[0, 0] = 1000.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def outlier_cnn() -> nn.Module:
+    """A small CNN whose module "2" cannot be int8 (see :class:`Amplified`)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        Amplified(8),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        net[3].weight[:, 0] /= 1000.0
+    return net
