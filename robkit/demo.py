@@ -210,7 +210,17 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
     eval_path = out / "eval.json"
     evals: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     t = time.time()
-    for name, src in (("pixels", "pixels"), ("teacher", teacher), ("rob", rob), ("sslight", sslight)):
+    # Every trained row stands beside raw pixels and the untrained network of its architecture
+    # (the run's initial weights, BatchNorm re-estimated the same way).
+    rows = (
+        ("pixels", "pixels", False),
+        ("teacher_untrained", teacher, True),
+        ("teacher", teacher, False),
+        ("student_untrained", rob, True),
+        ("rob", rob, False),
+        ("sslight", sslight, False),
+    )
+    for name, src, untrained in rows:
         if name in evals:
             continue
         _log(f"eval: {name} (kNN + linear probe)")
@@ -223,7 +233,8 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
             test_limit=b.eval_test,
             epochs=b.linear_epochs,
             progress=False,
-            probe_path=None if name == "pixels" else out / name / "probe.pt",
+            probe_path=None if name == "pixels" or untrained else out / name / "probe.pt",
+            untrained=untrained,
         )
         eval_path.write_text(json.dumps(evals, indent=2, default=str))
     if time.time() - t > 5 or "eval" not in timings:
@@ -287,6 +298,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         "student": STUDENT,
         "teacher_arch": TEACHER_ARCH,
         "evals": evals,
+        "learned": learning_verdict(evals),
         "exports": [_card(f) for f in files],
         "bench": json.loads(bench_json.read_text()),
         "timings_s": timings,
@@ -298,6 +310,35 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
     write_report(out, summary)
     summary["seconds"] = round(time.time() - t0, 1)
     return summary
+
+
+# (trained row, its untrained baseline, the margin in kNN points it must clear to count as learned)
+LEARNING_CHECKS = (
+    ("teacher", "teacher_untrained", 3.0),
+    ("rob", "student_untrained", 10.0),
+    ("sslight", "student_untrained", 0.0),
+)
+
+
+def learning_verdict(evals: dict[str, Any]) -> list[dict[str, Any]]:
+    """Did each run beat its own untrained network (and RoB the SSLight student)? kNN points."""
+
+    def knn(name: str) -> float:
+        return 100 * evals[name]["knn"]["accuracy"]
+
+    rows = []
+    for run, base, need in LEARNING_CHECKS:
+        if run in evals and base in evals:
+            gain = knn(run) - knn(base)
+            rows.append(
+                {"run": run, "baseline": base, "gain": round(gain, 2), "target": need, "met": gain > need}
+            )
+    if "rob" in evals and "sslight" in evals:
+        gain = knn("rob") - knn("sslight")
+        rows.append(
+            {"run": "rob", "baseline": "sslight", "gain": round(gain, 2), "target": 3.0, "met": gain >= 3.0}
+        )
+    return rows
 
 
 def _card(path: Path) -> dict[str, Any]:
@@ -327,9 +368,16 @@ def demo(out: str, budget: str) -> None:
     click.echo("")
     click.echo(
         f"kNN accuracy: pixels {ev['pixels']['knn']['accuracy']:.3f} · teacher "
-        f"{ev['teacher']['knn']['accuracy']:.3f} · RoB student {ev['rob']['knn']['accuracy']:.3f} · "
-        f"SSLight student {ev['sslight']['knn']['accuracy']:.3f}"
+        f"{ev['teacher']['knn']['accuracy']:.3f} (untrained {ev['teacher_untrained']['knn']['accuracy']:.3f}) · "
+        f"RoB student {ev['rob']['knn']['accuracy']:.3f} · SSLight student {ev['sslight']['knn']['accuracy']:.3f} "
+        f"(untrained {ev['student_untrained']['knn']['accuracy']:.3f})"
     )
+    for row in summary["learned"]:
+        verdict = "ok" if row["met"] else "NOT MET"
+        click.echo(
+            f"  {row['run']} vs {row['baseline']}: {row['gain']:+.1f} kNN points (target > {row['target']:.0f}): "
+            f"{verdict}"
+        )
     click.echo(
         f"Done in {summary['seconds']:.0f} s. Report: {Path(out) / 'report.md'} and {Path(out) / 'report.html'}"
     )

@@ -20,7 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {
     "pixels": "raw pixels (floor)",
+    "teacher_untrained": "untrained ResNet-18",
     "teacher": "teacher (ResNet-18, SSLight)",
+    "student_untrained": "untrained MobileNetV3-S",
     "rob": "RoB student (MobileNetV3-S)",
     "sslight": "SSLight student (MobileNetV3-S)",
 }
@@ -82,6 +84,21 @@ def _accuracy_table(evals: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _learning_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["| run | compared with | kNN gain (points) | target | verdict |", "|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "learned" if r["met"] else "**did not clear the target**"
+        if r["baseline"].endswith("_untrained") and r["gain"] <= 0:
+            verdict = "**has not learned: no better than its untrained network**"
+        lines.append(
+            f"| {LABELS.get(r['run'], r['run'])} | {LABELS.get(r['baseline'], r['baseline'])} | "
+            f"{r['gain']:+.1f} | > {r['target']:.0f} | {verdict} |"
+        )
+    return lines
+
+
 def _export_table(exports: list[dict[str, Any]], bench: dict[str, Any]) -> list[str]:
     latency: dict[tuple[str, int], float] = {}
     for row in bench.get("rows", []):
@@ -138,7 +155,15 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         "",
         "![accuracy](accuracy.png)",
         "",
-        "Each row: `robkit eval knn|linear RUN/checkpoint.pt` (the floor: `robkit eval knn pixels`).",
+        "Each row: `robkit eval knn|linear RUN/checkpoint.pt`; the untrained rows: the same command with "
+        "`--untrained` (the run's initial weights, BatchNorm re-estimated exactly as for the trained network); "
+        "the floor: `robkit eval knn pixels`.",
+        "",
+        "## Did it learn?",
+        "",
+        "A run counts as learned only when it beats the untrained network of its own architecture.",
+        "",
+        *_learning_lines(summary.get("learned", [])),
         "",
         "## Exported RoB student",
         "",

@@ -27,7 +27,21 @@ def test_demo_tiny_end_to_end_and_resumable(tmp_path, monkeypatch):
     ):
         assert (out / f).exists(), f
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["evals"]) == {"pixels", "teacher", "rob", "sslight"}
+    assert set(summary["evals"]) == {
+        "pixels",
+        "teacher_untrained",
+        "teacher",
+        "student_untrained",
+        "rob",
+        "sslight",
+    }
+    assert {(r["run"], r["baseline"]) for r in summary["learned"]} == {
+        ("teacher", "teacher_untrained"),
+        ("rob", "student_untrained"),
+        ("sslight", "student_untrained"),
+        ("rob", "sslight"),
+    }
+    assert "Did it learn?" in (out / "report.md").read_text()
     for name in ("teacher", "rob", "sslight"):
         assert 0.0 <= summary["evals"][name]["knn"]["accuracy"] <= 1.0
         assert "accuracy" in summary["evals"][name]["linear"]

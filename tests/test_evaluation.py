@@ -318,3 +318,73 @@ def test_cli_on_an_image_folder_and_helpful_errors(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "flat" / split / "a.png")
     flat = runner.invoke(eval_group, ["linear", "pixels", "--data", str(tmp_path / "flat")])
     assert flat.exit_code != 0 and "no labels" in flat.output and "sub-folder per class" in flat.output
+
+
+@needs_fmnist
+def test_untrained_baseline_is_the_runs_initial_network_with_precise_bn(tmp_path):
+    """`--untrained` rebuilds the run's seed-initialised network and re-estimates BatchNorm as the
+    trainer does; its features equal an independent computation, and differ from the trained ones."""
+    from robkit.engine.bn import precise_bn_images
+    from robkit.evaluation.api import evaluate, untrained_student
+    from robkit.models.students import build_student
+
+    torch.manual_seed(3)
+    init = build_student("resnet18")
+    trained = build_student("resnet18")  # stands in for trained weights: anything but the initial ones
+    ckpt = make_checkpoint(
+        kind="pretrain",
+        method="dino",
+        student={"arch": "resnet18", "kwargs": {}},
+        backbone=trained.backbone.state_dict(),
+        head=None,
+        teacher=None,
+        normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
+        resolution=32,
+        config={},
+        metrics={},
+        seed=3,
+    )
+    path = atomic_save(ckpt, tmp_path / "checkpoint.pt")
+    rebuilt = untrained_student("resnet18", seed=3)
+    for a, b in zip(rebuilt.state_dict().values(), init.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # Independent BN re-estimate of the first layer: the mean over batches of 256 of the batch
+    # means of conv1's output on the selected images.
+    train = fashion_mnist("train", limit=300)
+    imgs = precise_bn_images(train, n=2048, seed=3)
+    assert imgs.shape[0] == 300
+    with torch.no_grad():
+        x = to_model_input(imgs, 32, [0.5] * 3, [0.25] * 3)
+        means = [init.backbone.conv1(x[i : i + 256]).mean(dim=(0, 2, 3)) for i in range(0, 300, 256)]
+    expected_mean = torch.stack(means).mean(0)
+
+    res = evaluate(str(path), which=("knn",), train_limit=300, test_limit=50, untrained=True)
+    assert res["method"] == "untrained" and res["seed"] == 3 and res["checkpoint"] == "untrained:resnet18"
+    # the same numbers through the public spelling
+    res2 = evaluate(
+        "untrained:resnet18",
+        which=("knn",),
+        train_limit=300,
+        test_limit=50,
+        resolution=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        seed=3,
+    )
+    assert res2["knn"]["accuracy"] == res["knn"]["accuracy"]
+    from robkit.engine.bn import precise_bn_from_dataset
+
+    net = precise_bn_from_dataset(
+        untrained_student("resnet18", seed=3), train, 32, [0.5] * 3, [0.25] * 3, seed=3
+    )
+    torch.testing.assert_close(net.backbone.bn1.running_mean, expected_mean, atol=1e-4, rtol=1e-4)
+    trained_res = evaluate(str(path), which=("knn",), train_limit=300, test_limit=50)
+    assert trained_res["method"] == "dino"
+
+    out = CliRunner().invoke(
+        eval_group, ["knn", str(path), "--untrained", "--train-limit", "300", "--test-limit", "50"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "untrained resnet18 (seed 3)" in out.stdout
+    assert f"{100 * res['knn']['accuracy']:.2f} %" in out.stdout

@@ -15,7 +15,9 @@ import copy
 import torch
 from torch import nn
 
-from robkit.data.datasets import to_model_input
+from robkit.data.datasets import ImageTensorDataset, to_model_input
+
+PRECISE_BN_IMAGES = 2048  # clean training images for the BatchNorm re-estimate
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -55,3 +57,24 @@ def precise_bn(
         m.momentum = mom
     net.train(was_training)
     return net
+
+
+def precise_bn_images(dataset, n: int = PRECISE_BN_IMAGES, seed: int = 0) -> torch.Tensor:
+    """The uint8 ``[n, 3, H, W]`` images that re-estimate BatchNorm: a seeded random subset.
+
+    One selection for trained runs (the trainer) and untrained baselines (evaluation), so both
+    networks get their statistics the same way.
+    """
+    n = min(n, len(dataset))
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(dataset, ImageTensorDataset):
+        imgs = dataset.images[idx]
+        return imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def precise_bn_from_dataset(
+    model: nn.Module, dataset, resolution: int, mean, std, n: int = PRECISE_BN_IMAGES, seed: int = 0
+) -> nn.Module:
+    """A copy of ``model`` with BatchNorm statistics of ``n`` clean images of ``dataset``."""
+    return precise_bn(model, precise_bn_images(dataset, n, seed), resolution, mean, std)

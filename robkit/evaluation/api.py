@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robkit.data.datasets import DataError, ImageFolder, open_dataset
+from robkit.engine.bn import has_batchnorm, precise_bn_from_dataset
 from robkit.engine.checkpoint import CheckpointError, load_student
 from robkit.evaluation.features import dataset_labels, extract_features, raw_pixel_features
 from robkit.evaluation.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
@@ -24,6 +25,7 @@ from robkit.evaluation.lowshot import DEFAULT_SHOTS, lowshot_eval
 
 EVALUATIONS = ("knn", "linear", "lowshot")
 PIXELS = "pixels"
+UNTRAINED = "untrained:"  # ``untrained:ARCH``: the architecture at its seeded initial weights
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 
 
@@ -77,6 +79,42 @@ def _require_labels(ds, what: str) -> torch.Tensor:
             "low-shot evaluation need one sub-folder per class, e.g. ROOT/train/cat/*.jpg."
         )
     return labels
+
+
+def untrained_student(arch: str, kwargs: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
+    """The student a run with ``seed`` starts from: the same seeding and builder as training."""
+    from robkit.models.students import build_student
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_student(arch, **(kwargs or {})).eval()
+
+
+def _resolve_untrained(spec, resolution, mean, std, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """``untrained:ARCH`` or a checkpoint whose architecture, size and normalisation are kept."""
+    from robkit.data.views import IMAGENET_MEAN, IMAGENET_STD
+
+    if isinstance(spec, str) and spec.startswith(UNTRAINED):
+        arch, kwargs, meta = spec[len(UNTRAINED) :], {}, {}
+        if not arch:
+            raise ValueError(f"{spec!r}: name the architecture, e.g. untrained:resnet18")
+    else:
+        if not isinstance(spec, dict) and not Path(spec).is_file():
+            raise CheckpointError(f"checkpoint {spec} not found; --untrained needs the run's checkpoint.pt")
+        _, meta = load_student(spec)
+        arch, kwargs = meta["student"]["arch"], meta["student"].get("kwargs", {})
+        seed = int(meta.get("seed", seed))
+    norm = meta.get("normalization") or {}
+    info = {
+        "checkpoint": f"{UNTRAINED}{arch}",
+        "resolution": int(resolution if resolution is not None else meta.get("resolution") or 32),
+        "mean": list(mean if mean is not None else norm.get("mean", IMAGENET_MEAN)),
+        "std": list(std if std is not None else norm.get("std", IMAGENET_STD)),
+        "arch": arch,
+        "method": "untrained",
+        "seed": seed,
+    }
+    return untrained_student(arch, kwargs, seed), info
 
 
 def _resolve_model(model_or_ckpt, resolution, mean, std, device) -> tuple[nn.Module | None, dict[str, Any]]:
@@ -170,6 +208,7 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = False,
     probe_path: str | os.PathLike | None = None,
+    untrained: bool = False,
 ) -> dict[str, Any]:
     """Evaluate frozen features on ``data`` → a JSON-ready dict of results (accuracies in [0, 1]).
 
@@ -178,6 +217,11 @@ def evaluate(
     runtime: the accuracy the app gets, int8 rounding included), a module mapping ``[B, 3, R, R]`` → ``[B, D]`` (give ``resolution``,
     ``mean``, ``std``), or ``"pixels"`` for the raw-pixel floor.  ``which`` ⊆ {knn, linear, lowshot}.
     With ``probe_path`` the linear probe is saved there (:func:`save_probe`).
+
+    ``untrained=True`` (or ``"untrained:ARCH"``) evaluates the checkpoint's architecture at the
+    initial weights of its run (same seed, same builder), with BatchNorm re-estimated exactly as
+    the trainer does for trained checkpoints (:func:`robkit.engine.bn.precise_bn_from_dataset`):
+    the baseline every trained figure needs beside it.
     """
     unknown = [w for w in which if w not in EVALUATIONS]
     if unknown or not which:
@@ -189,9 +233,21 @@ def evaluate(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    model, info = _resolve_model(checkpoint_or_model, resolution, mean, std, dev)
+    untrained = untrained or (
+        isinstance(checkpoint_or_model, str) and checkpoint_or_model.startswith(UNTRAINED)
+    )
+    if untrained:
+        model, info = _resolve_untrained(checkpoint_or_model, resolution, mean, std, seed)
+    else:
+        model, info = _resolve_model(checkpoint_or_model, resolution, mean, std, dev)
     canvas = info["resolution"] or 32
     train_ds, test_ds = open_eval_splits(data, train_limit, test_limit, canvas_px=canvas)
+    if untrained and has_batchnorm(model):
+        model = precise_bn_from_dataset(
+            model, train_ds, info["resolution"], info["mean"], info["std"], seed=info["seed"]
+        ).eval()
+    if untrained:
+        model = model.to(dev)
     # Checked before the (slow) feature pass so an unlabelled folder fails at once.
     max_label = int(max(_require_labels(train_ds, "train").max(), _require_labels(test_ds, "test").max()))
     classes = list(getattr(train_ds, "classes", ()) or [str(c) for c in range(max_label + 1)])
@@ -216,6 +272,7 @@ def evaluate(
         **{key: info[key] for key in ("checkpoint", "resolution") if key in info},
         "arch": info.get("arch"),
         "method": info.get("method"),
+        **({"seed": info["seed"]} if untrained else {}),
         **({"exported": info["exported"]} if "exported" in info else {}),
         "data": str(data),
         "num_train": int(x_tr.shape[0]),

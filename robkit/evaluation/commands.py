@@ -35,6 +35,12 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--out", type=click.Path(dir_okay=False), help="Write the results as JSON to this file."
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
+        click.option(
+            "--untrained",
+            is_flag=True,
+            help="Evaluate CHECKPOINT's architecture at its run's initial weights (BatchNorm re-estimated "
+            "as for the trained network): the baseline a trained figure needs beside it.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -63,7 +69,12 @@ def _run(which: str, checkpoint: str, out: str | None, as_json: bool, **kw: Any)
 
 
 def _where(r: dict[str, Any]) -> str:
-    what = "raw pixels" if r["checkpoint"] == "pixels" else f"{r.get('arch') or 'model'} {r['checkpoint']}"
+    if r["checkpoint"] == "pixels":
+        what = "raw pixels"
+    elif r.get("method") == "untrained":
+        what = f"untrained {r.get('arch')} (seed {r.get('seed')})"
+    else:
+        what = f"{r.get('arch') or 'model'} {r['checkpoint']}"
     return f"{what} @ {r['resolution']} px on {r['data']} ({r['num_train']} train / {r['num_test']} test)"
 
 
@@ -79,11 +90,13 @@ def eval_group() -> None:
 
     CHECKPOINT is a robkit checkpoint (from `robkit pretrain` / `robkit distill`), a file from
     `robkit export` (.onnx, .tflite, .pte: run in its own runtime, so int8 rounding is measured),
-    or `pixels` for the raw-pixel floor.
+    `pixels` for the raw-pixel floor, or `untrained:ARCH` for an untrained network.
 
     \b
     Examples:
       robkit eval knn pixels                       (raw-pixel floor on Fashion-MNIST)
+      robkit eval knn RUN/checkpoint.pt --untrained   (the same network before training)
+      robkit eval knn untrained:resnet18 --resolution 32
       robkit eval knn RUN/checkpoint.pt --train-limit 10000
       robkit eval knn exports/model-int8.tflite --train-limit 10000   (what the app computes)
       robkit eval linear RUN/checkpoint.pt --out RUN/eval/linear.json
