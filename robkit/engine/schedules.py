@@ -15,8 +15,32 @@ from torch import Tensor, nn
 
 
 def lr_for_batch(base_lr: float, batch_size: int) -> float:
-    """Linear scaling rule (Goyal et al. 2017), as DINO and SSLight: ``base_lr * batch / 256``."""
+    """Linear scaling rule (Goyal et al. 2017), as DINO and SSLight: ``base_lr * batch / 256``.
+
+    Recipes state ``optim.base_lr`` (and ``optim.start_warmup_lr``) per 256 images; the engine
+    multiplies both by ``batch / 256``.  ``optim.min_lr`` is *not* per 256 images: see
+    :func:`min_lr_for_batch`.
+    """
     return base_lr * batch_size / 256
+
+
+def min_lr_for_batch(min_lr: float, batch_size: int, min_lr_batch: int | None = None) -> float:
+    """The final LR of the cosine for a global ``batch_size``: ``optim.min_lr`` as the official code uses it.
+
+    A recipe's ``min_lr`` is the official final LR, an absolute value at the recipe's (official)
+    batch size.  How it follows a different batch size depends on the official code:
+
+    * ``min_lr_batch`` unset (DINO, SSLight, the AdamW RoB recipes): the same value at every batch
+      size.  DINO's ``main_dino.py`` scales only the peak (``args.lr * batch / 256``) and passes
+      ``args.min_lr`` as is; SSLight's trainer does the same with ``SOLVER.BASE_LR`` and
+      ``SOLVER.MIN_LR``; VISSL's AdamW RoB configs do not auto-scale any LR value.
+    * ``min_lr_batch`` set (RoB-SwAV): ``min_lr`` belongs to that batch size and scales linearly with
+      the batch, ``min_lr * batch / min_lr_batch``.  VISSL's ``auto_lr_scaling`` rescales the cosine
+      to the scaled peak while keeping its end/start ratio, so the end value follows the batch too.
+    """
+    if not min_lr_batch:
+        return float(min_lr)
+    return min_lr * batch_size / min_lr_batch
 
 
 def cosine_schedule(

@@ -33,7 +33,7 @@ from robkit.engine.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.engine.hardware import autocast_dtype, resolve_precision
 from robkit.engine.optim import build_optimizer, param_groups
 from robkit.engine.runlog import RunLog
-from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch
+from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
 from robkit.engine.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class Trainer:
         warm = min(int(round(cfg.get("warmup_epochs", 0) * spe)), total // 2)  # short runs: half at most
         self.lr_sched = cosine_schedule(
             base_lr,
-            cfg.get("min_lr", 0.0),
+            min_lr_for_batch(cfg.get("min_lr", 0.0), self.opts.batch_size, cfg.get("min_lr_batch")),
             total,
             warm,
             lr_for_batch(cfg.get("start_warmup_lr", 0.0), self.opts.batch_size),
