@@ -160,3 +160,18 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
     a, b = _weights(single), _weights(tmp_path / "ddp")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), f"{k} differs between DDP and one process"
+
+
+def test_fractional_freeze_of_the_last_layer_follows_the_step(tmp_path):
+    """Short budgets freeze DINO's last layer for a fraction of an epoch: the engine passes
+    fractional epochs, so with 4 steps per epoch and 0.5 epochs the first 2 steps keep it."""
+    ov = {**TINY, "optim": {**TINY["optim"], "freeze_last_layer_epochs": 0.5}}
+
+    def last_layer(steps):
+        _run(tmp_path, f"s{steps}", overrides=ov, engine={"max_steps": steps})
+        w = _weights(tmp_path / f"s{steps}")
+        return {k: v for k, v in w.items() if k.startswith("online.head.last_layer")}
+
+    start, two, three = last_layer(0), last_layer(2), last_layer(3)
+    assert start and all(torch.equal(start[k], two[k]) for k in start)
+    assert any(not torch.equal(two[k], three[k]) for k in two)

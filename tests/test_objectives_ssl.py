@@ -173,6 +173,25 @@ def test_dino_teacher_temperature_schedule_per_epoch(warm_epochs):
     assert loss_fn.teacher_temp_at(warm_epochs - 1) == pytest.approx(0.07 if warm_epochs > 1 else 0.04)
 
 
+@pytest.mark.parametrize("warm_epochs", [1, 2, 5])
+def test_dino_teacher_temperature_at_fractional_epochs_follows_the_whole_epoch(warm_epochs):
+    """The engine passes fractional epochs; a whole-epoch warm-up keeps DINO's per-epoch steps."""
+    loss_fn = DINOLoss(4, 2, 0, warmup_teacher_temp_epochs=warm_epochs, n_epochs=40)
+    for epoch in (0.0, 0.4, 0.999, 1.5, warm_epochs - 0.01, warm_epochs + 0.5):
+        assert loss_fn.teacher_temp_at(epoch) == pytest.approx(
+            ref_teacher_temp(math.floor(epoch), 0.07, 0.04, warm_epochs)
+        )
+
+
+def test_dino_teacher_temperature_fractional_warmup_ramps_linearly():
+    """Short budgets warm up over a fraction of an epoch: linear from 0.04 at 0 to 0.07 at W."""
+    loss_fn = DINOLoss(4, 2, 0, warmup_teacher_temp_epochs=0.5, n_epochs=1)
+    assert loss_fn.teacher_temp_at(0.0) == pytest.approx(0.04)
+    assert loss_fn.teacher_temp_at(0.25) == pytest.approx(0.055)
+    assert loss_fn.teacher_temp_at(0.5) == pytest.approx(0.07)
+    assert loss_fn.teacher_temp_at(0.9) == pytest.approx(0.07)
+
+
 def test_dino_global_only_and_state_dict_and_gradients():
     ng, nl, b, k = 2, 4, 3, 6
     loss_fn = DINOLoss(k, ng, nl, warmup_teacher_temp_epochs=0, global_only=True).double()

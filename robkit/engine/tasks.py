@@ -2,7 +2,7 @@
 
 A task owns the networks of a method (the online student + head, and an EMA teacher, a
 momentum key encoder or a frozen distillation teacher) and its objective.  The engine calls
-``task(views, epoch)`` for the loss, ``before_optimizer_step`` / ``after_optimizer_step``
+``task(views, epoch)`` for the loss (``epoch``: fractional epochs elapsed), ``before_optimizer_step`` / ``after_optimizer_step``
 around the optimiser step, and never special-cases a method.
 
 ``online`` (student + head) is the only module the optimiser updates and the only one the
@@ -120,7 +120,7 @@ class Task(nn.Module):
     def head(self) -> nn.Module:
         return self.online.head
 
-    def before_optimizer_step(self, epoch: int) -> None:
+    def before_optimizer_step(self, epoch: float) -> None:
         pass
 
     def after_optimizer_step(self, ema_momentum: float) -> None:
@@ -141,7 +141,7 @@ class DINOTask(Task):
         head: DINOHead,
         loss: nn.Module,
         n_global: int = 2,
-        freeze_last_layer_epochs: int = 1,
+        freeze_last_layer_epochs: float = 1,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -154,13 +154,13 @@ class DINOTask(Task):
         self.n_global = n_global
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
 
-    def forward(self, views: list[torch.Tensor], epoch: int):
+    def forward(self, views: list[torch.Tensor], epoch: float):
         with torch.no_grad():
             t = self.teacher(views[: self.n_global])
         s = self.run_online(views)
         return self.loss(s, t, epoch)
 
-    def before_optimizer_step(self, epoch: int) -> None:
+    def before_optimizer_step(self, epoch: float) -> None:
         # DINO cancels the last layer's gradients during the first epoch(s): it stabilises training.
         if epoch < self.freeze_last_layer_epochs:
             for p in self.online.head.last_layer.parameters():
@@ -184,7 +184,7 @@ class SwAVTask(Task):
         student: Student,
         head: SwAVHead,
         loss: nn.Module,
-        freeze_prototypes_epochs: int = 1,
+        freeze_prototypes_epochs: float = 1,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -192,12 +192,12 @@ class SwAVTask(Task):
         self.loss = loss
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
 
-    def forward(self, views: list[torch.Tensor], epoch: int):
+    def forward(self, views: list[torch.Tensor], epoch: float):
         self.online.head.normalize_prototypes()
         emb, scores = self.run_online(views)
         return self.loss(emb, scores, self.online.head.prototypes.weight, epoch)
 
-    def before_optimizer_step(self, epoch: int) -> None:
+    def before_optimizer_step(self, epoch: float) -> None:
         if epoch < self.freeze_prototypes_epochs:
             self.online.head.prototypes.weight.grad = None
 
@@ -224,7 +224,7 @@ class MoCoTask(Task):
         self.loss = loss
         self.key_momentum = key_momentum
 
-    def forward(self, views: list[torch.Tensor], epoch: int):
+    def forward(self, views: list[torch.Tensor], epoch: float):
         with torch.no_grad():
             self._momentum_update()  # MoCo updates the key encoder inside the forward, before the keys
             k = self.key_encoder(views[:1])

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from robkit.data.datasets import ImageTensorDataset
 from robkit.data.views import MultiCropViews
 from robkit.engine import distributed as dist_utils
-from robkit.engine.bn import has_batchnorm, precise_bn
+from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
 from robkit.engine.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.engine.hardware import autocast_dtype, resolve_precision
 from robkit.engine.optim import build_optimizer, param_groups
@@ -52,7 +52,8 @@ class TrainOptions:
     batch_size: int  # global batch (all processes together)
     seed: int = 0
     precision: str = "auto"
-    precise_bn_images: int = 2048  # images to re-estimate BatchNorm statistics at epoch ends (0: off)
+    # images to re-estimate BatchNorm statistics at epoch ends (0: off)
+    precise_bn_images: int = PRECISE_BN_IMAGES
     channels_last: bool = True
     compile: bool = False
     num_workers: int = 0
@@ -267,6 +268,7 @@ class Trainer:
             config=meta.config,
             data=meta.data,
             metrics=metrics,
+            seed=self.opts.seed,  # the initial weights: an untrained baseline rebuilds them
             progress={
                 "epoch": epoch,
                 "step_in_epoch": step_in_epoch,
@@ -280,19 +282,14 @@ class Trainer:
 
     def _precise_bn(self, backbone: nn.Module) -> nn.Module:
         """A copy of the eval network with BatchNorm statistics of clean images at the global size."""
-        n = min(self.opts.precise_bn_images, len(self.dataset))
-        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.opts.seed))[:n]
-        if isinstance(self.dataset, ImageTensorDataset):
-            imgs = self.dataset.images[idx]
-            imgs = imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs
-        else:
-            imgs = torch.stack([self.dataset[int(i)][0] for i in idx])
-        return precise_bn(
+        return precise_bn_from_dataset(
             backbone,
-            imgs,
+            self.dataset,
             self.meta.resolution,
             self.meta.normalization["mean"],
             self.meta.normalization["std"],
+            n=self.opts.precise_bn_images,
+            seed=self.opts.seed,
         )
 
     def _resume(self) -> tuple[int, int, int]:
@@ -462,13 +459,16 @@ class Trainer:
         for pg in self.optimizer.param_groups:
             pg["lr"] = float(self.lr_sched[gstep])
             pg["weight_decay"] = float(self.wd_sched[gstep]) * pg.get("wd_factor", 1.0)
+        # Tasks see fractional epochs elapsed, so short budgets can set warm-ups and freezes in
+        # fractions of an epoch; a whole-epoch recipe value acts exactly as with the epoch index.
+        progress = gstep / self.steps_per_epoch
         ctx = torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
             if self.target_source is None:
-                loss, parts = self.task(views, epoch)
+                loss, parts = self.task(views, progress)
             else:
                 t_out = self.target_source.targets(epoch, step_in_epoch, rows, self.device)
-                loss, parts = self.task(views, epoch, teacher_out=t_out)
+                loss, parts = self.task(views, progress, teacher_out=t_out)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {float(loss)} at epoch {epoch}, step {gstep}. The last good checkpoint is "
@@ -484,7 +484,7 @@ class Trainer:
         clip = self.optim_cfg.get("clip_grad", 0.0)
         if clip:
             clip_gradients(self.task.online, clip)
-        self.task.before_optimizer_step(epoch)
+        self.task.before_optimizer_step(progress)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

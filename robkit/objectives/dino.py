@@ -33,14 +33,22 @@ from robkit.objectives.multicrop import (
 
 
 def teacher_temperature(
-    epoch: int, teacher_temp: float, warmup_teacher_temp: float, warmup_epochs: int
+    epoch: float, teacher_temp: float, warmup_teacher_temp: float, warmup_epochs: float
 ) -> float:
-    """``tau_t`` at ``epoch``: DINO's ``np.linspace(warmup, final, W)`` then constant ``final``."""
+    """``tau_t`` at ``epoch`` (fractional epochs elapsed).
+
+    A whole number of warm-up epochs ``W`` is DINO's schedule: ``np.linspace(warmup, final, W)``
+    looked up at the current whole epoch, then constant ``final``.  A fractional ``W`` (short
+    budgets, where a whole epoch is most of the run) ramps linearly with the fractional epoch
+    from ``warmup`` at 0 to ``final`` at ``W``.
+    """
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    if epoch < warmup_epochs:
-        return float(np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)[epoch])
-    return float(teacher_temp)
+    if epoch >= warmup_epochs:
+        return float(teacher_temp)
+    if float(warmup_epochs).is_integer():
+        return float(np.linspace(warmup_teacher_temp, teacher_temp, int(warmup_epochs))[int(epoch)])
+    return float(warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * epoch / warmup_epochs)
 
 
 class DINOLoss(nn.Module):
@@ -74,7 +82,7 @@ class DINOLoss(nn.Module):
         student_temp: float = 0.1,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 30,
+        warmup_teacher_temp_epochs: float = 30,
         n_epochs: int = 100,
         center_momentum: float = 0.9,
         alpha: float | None = None,
@@ -106,13 +114,13 @@ class DINOLoss(nn.Module):
         self.pairs = cross_view_pairs(range(n_global), n_global + n_local, n_global)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def teacher_temp_at(self, epoch: int) -> float:
+    def teacher_temp_at(self, epoch: float) -> float:
         return teacher_temperature(
             epoch, self.teacher_temp, self.warmup_teacher_temp, self.warmup_teacher_temp_epochs
         )
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, epoch: int
+        self, student_logits: Tensor, teacher_logits: Tensor, epoch: float
     ) -> tuple[Tensor, dict[str, float]]:
         n_crops = self.n_global + self.n_local
         b = batch_size_of(teacher_logits.shape[0], self.n_global, "teacher_logits")
