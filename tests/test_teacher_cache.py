@@ -172,6 +172,12 @@ def test_a_mismatched_cache_is_refused(tmp_path):
 
     with pytest.raises(CacheMismatch, match="another teacher sha256"):
         run(other)
+    manifest = tmp_path / "c" / "manifest.json"
+    current = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(current), "format": 1}))  # jitter order per crop
+    with pytest.raises(CacheMismatch, match="another cache format: cache 1"):
+        run()
+    manifest.write_text(current)
     with pytest.raises(CacheMismatch, match="another recipe global views"):
         run(ov={"views": {**TINY["views"], "global_scale": [0.5, 1.0]}})
     with pytest.raises(CacheMismatch, match="another data set"):

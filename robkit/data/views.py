@@ -9,9 +9,20 @@ replay the global views whose teacher targets were cached.
 Geometry follows ``RandomResizedCrop`` (area fraction ``scale``, aspect ratio in (3/4, 4/3),
 ten tries then the whole image); crops are resampled with ``torchvision.ops.roi_align``
 (bilinear when enlarging, area-averaging when shrinking, so small locals do not alias).
-Photometric augmentation follows DINO / BYOL: colour jitter (p 0.8, random order), grey-scale
-(p 0.2), Gaussian blur (per-view probability; sigma in (0.1, 2.0) px for a 224 px view, scaled
-with the view size) and solarisation (per-view probability).
+Photometric augmentation follows DINO's transforms (Caron et al. 2021), applied to the rendered
+crop in this order:
+
+* colour jitter with probability ``jitter_p`` (0.8): brightness, contrast, saturation and hue
+  factors drawn per image, applied in an order drawn per image (a uniform random permutation of
+  the four operations, as each call of torchvision's ``ColorJitter`` draws one); the maths are
+  torchvision's tensor ops (grey levels with its weights 0.2989 / 0.587 / 0.114);
+* grey-scale (p 0.2);
+* Gaussian blur with a per-view probability and sigma uniform in ``blur_sigma`` (0.1, 2.0) in
+  pixels of the rendered crop, whatever its size, as DINO blurs the output of
+  ``RandomResizedCrop`` (PIL ``GaussianBlur(radius=sigma)``); the kernel is truncated at
+  ``ceil(3 sigma)`` pixels per image (PIL's blur reaches about as far), at most ``size - 1`` so
+  that the reflect padding fits inside the crop (:func:`blur_radius`);
+* solarisation (per-view probability).
 
 SSLight (Tan et al. 2023) tunes this sampler: crop scales ``S_g``/``S_l``, resolutions
 ``GC``/``LC``, the number of locals ``N_l``; ``pixel_scale_ratio`` reports eq. 1's
@@ -39,7 +50,7 @@ class CropParams:
     flip: torch.Tensor  # bool [B]
     jitter: torch.Tensor  # float [B, 4] brightness, contrast, saturation factors, hue shift
     jitter_on: torch.Tensor  # bool [B]
-    jitter_order: torch.Tensor  # long [4], one order per crop index and batch
+    jitter_order: torch.Tensor  # long [B, 4]: op (0 b, 1 c, 2 s, 3 h) at each position, per image
     gray: torch.Tensor  # bool [B]
     blur_sigma: torch.Tensor  # float [B], 0 = no blur (in output pixels)
     solarize: torch.Tensor  # bool [B]
@@ -50,7 +61,7 @@ class CropParams:
             self.flip[idx],
             self.jitter[idx],
             self.jitter_on[idx],
-            self.jitter_order,
+            self.jitter_order[idx],
             self.gray[idx],
             self.blur_sigma[idx],
             self.solarize[idx],
@@ -147,11 +158,13 @@ class MultiCropViews:
             dim=1,
         )
         jitter_on = torch.rand(b, generator=g) < self.jitter_p
-        order = torch.randperm(4, generator=g)
+        # one uniform random permutation per image (argsort of i.i.d. uniforms), like a fresh
+        # ``torch.randperm(4)`` per ``ColorJitter`` call, without a loop over the images
+        order = torch.rand(b, 4, generator=g).argsort(dim=1)
         gray = torch.rand(b, generator=g) < self.grayscale_p
         blur_p = self._per_view(self.global_blur_p, c) if is_global else self.local_blur_p
+        # in pixels of the rendered crop (DINO blurs the output of RandomResizedCrop), not rescaled
         sig = torch.empty(b).uniform_(self.blur_sigma[0], self.blur_sigma[1], generator=g)
-        sig = sig * (self.crop_size(c) / 224.0)
         sig = torch.where(torch.rand(b, generator=g) < blur_p, sig, torch.zeros(b))
         sol_p = self._per_view(self.global_solarize_p, c) if is_global else self.local_solarize_p
         solarize = torch.rand(b, generator=g) < sol_p
@@ -228,7 +241,8 @@ class MultiCropViews:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    # torchvision's tensor grey levels (PIL's ``convert("L")`` uses 0.299 for red)
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -258,39 +272,82 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r, g, b], 1)
 
 
+def _brightness(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (y * f.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def _contrast(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    m = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    return ((y - m) * f.view(-1, 1, 1, 1) + m).clamp(0, 1)
+
+
+def _saturation(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    gy = _gray(y)
+    return ((y - gy) * f.view(-1, 1, 1, 1) + gy).clamp(0, 1)
+
+
+def _hue(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(y)
+    hsv = torch.stack([(hsv[:, 0] + f.view(-1, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+    return _hsv_to_rgb(hsv).clamp(0, 1)
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
 def _color_jitter(x: torch.Tensor, f: torch.Tensor, on: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Per-image brightness/contrast/saturation/hue (torchvision ``ColorJitter`` maths, batched)."""
-    y = x
-    for op in order.tolist():
-        if op == 0:
-            y = (y * f[:, 0].view(-1, 1, 1, 1)).clamp(0, 1)
-        elif op == 1:
-            m = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-            y = ((y - m) * f[:, 1].view(-1, 1, 1, 1) + m).clamp(0, 1)
-        elif op == 2:
-            gy = _gray(y)
-            y = ((y - gy) * f[:, 2].view(-1, 1, 1, 1) + gy).clamp(0, 1)
-        else:
-            hsv = _rgb_to_hsv(y)
-            hsv = torch.stack([(hsv[:, 0] + f[:, 3].view(-1, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-            y = _hsv_to_rgb(hsv).clamp(0, 1)
-    return torch.where(on.view(-1, 1, 1, 1), y, x)
+    """Per-image brightness/contrast/saturation/hue in a per-image order (torchvision ``ColorJitter`` maths).
+
+    ``f``: ``[B, 4]`` factors (hue as a shift), ``on``: ``bool [B]``, ``order``: ``long [B, 4]``
+    with ``order[i, p]`` the operation applied at position ``p`` to image ``i``.  At each position,
+    each operation runs once on the images that have it there, so the work is the same as with
+    one order for the batch and there is no loop over images.
+    """
+    rows = on.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return x
+    y, f, order = x[rows], f[rows], order[rows]  # y is a copy: updated in place below
+    for p in range(4):
+        for op, fn in enumerate(_JITTER_OPS):
+            sel = (order[:, p] == op).nonzero().squeeze(1)
+            if sel.numel() == y.shape[0]:
+                y = fn(y, f[:, op])
+            elif sel.numel() > 0:
+                y.index_copy_(0, sel, fn(y[sel], f[sel, op]))
+    return x.index_copy(0, rows, y)
+
+
+def blur_radius(sigma: float, h: int, w: int) -> int:
+    """Half-width of the blur kernel for ``sigma`` px: ``ceil(3 sigma)``, at most ``min(h, w) - 1``.
+
+    PIL's ``GaussianBlur`` (what DINO uses) reaches about three sigmas; torchvision's takes an
+    explicit kernel size, here ``2 * radius + 1``.  Reflect padding needs ``radius < min(h, w)``.
+    """
+    return max(0, min(int(math.ceil(3 * sigma)), min(h, w) - 1))
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (0 = unchanged), reflect padding."""
+    """Separable Gaussian blur with a per-image sigma in pixels (0 = unchanged), reflect padding.
+
+    Image ``i`` gets torchvision's ``gaussian_blur(kernel_size=2 r + 1, sigma=sigma[i])`` with
+    ``r = blur_radius(sigma[i], h, w)``: one convolution as wide as the largest radius, each
+    image's taps beyond its own radius set to zero, so a view does not depend on the rest of the
+    batch.
+    """
     if not bool((sigma > 0).any()):
         return x
     b, c, h, w = x.shape
-    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), (min(h, w) - 1) // 2 or 1))
-    k = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    sig = sigma.clamp(min=1e-3).view(-1, 1)
-    ker = torch.exp(-(k.view(1, -1) ** 2) / (2 * sig**2))
+    radius = blur_radius(float(sigma.max()), h, w)
+    if radius == 0:
+        return x
+    r_img = torch.clamp(torch.ceil(3 * sigma.double()), max=min(h, w) - 1).view(-1, 1)  # as blur_radius
+    k = torch.arange(-radius, radius + 1, dtype=x.dtype).view(1, -1)
+    sig = sigma.clamp(min=1e-3).view(-1, 1).to(x.dtype)
+    ker = torch.exp(-0.5 * (k / sig) ** 2) * (k.abs() <= r_img)
     ker = ker / ker.sum(1, keepdim=True)  # [B, K]
     ker = ker.repeat_interleave(c, 0)  # [B*C, K]
     y = x.reshape(1, b * c, h, w)
-    pad_mode = "reflect" if radius < min(h, w) else "replicate"
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode=pad_mode), ker.view(b * c, 1, 1, -1), groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode=pad_mode), ker.view(b * c, 1, -1, 1), groups=b * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), ker.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), ker.view(b * c, 1, -1, 1), groups=b * c)
     y = y.view(b, c, h, w)
     return torch.where((sigma > 0).view(-1, 1, 1, 1), y, x)

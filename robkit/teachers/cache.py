@@ -53,7 +53,7 @@ from robkit.teachers.teacher import TeacherOutput
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: colour-jitter order stored per image (jitter_order [B, 4])
 FORMS = ("embedding", "topk")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # Sampler settings of the local crops: drawn live, so a cache is valid whatever they are.
@@ -160,7 +160,7 @@ def _load_batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_params(crops: list[CropParams]) -> dict[str, torch.Tensor]:
-    """Global crops' parameters stacked crop-major: ``boxes [n_g, B, 4]``, ``jitter_order [n_g, 4]``..."""
+    """Global crops' parameters stacked crop-major: ``boxes [n_g, B, 4]``, ``jitter_order [n_g, B, 4]``..."""
     return {f: torch.stack([getattr(c, f) for c in crops]) for f in PARAM_FIELDS}
 
 
@@ -520,6 +520,7 @@ def open_cache(
     batch, epochs = int(cfg["train"]["batch_size"]), int(cfg["train"]["epochs"])
     rebuild = "rebuild it with `robkit teachers cache` and the same --teacher/--data/--recipe/--set/--seed"
     checks = [
+        ("cache format", m.get("format"), CACHE_FORMAT),
         ("teacher sha256", m["teacher"]["sha256"], teacher.sha256),
         (
             "recipe global views",
