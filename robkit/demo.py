@@ -32,9 +32,14 @@ EXPORT_TARGETS = ("android-tflite-int8", "onnx-fp32", "onnx-int8-cpu", "ios-core
 
 @dataclass(frozen=True)
 class Budget:
-    """Training steps per run and evaluation sizes of one demo budget."""
+    """Training steps per run, recipes and evaluation sizes of one demo budget.
+
+    ``teacher_steps`` for the teacher, ``steps`` for each student (RoB and SSLight get the same).
+    The recipes fit their dynamics (warm-ups, EMA, freezes) to the steps the budget runs.
+    """
 
     steps: int
+    teacher_steps: int
     data_limit: int | None
     eval_train: int | None
     eval_test: int | None
@@ -43,12 +48,15 @@ class Budget:
     parity_images: int
     calibration_images: int
     batch_size: int = 256
+    ssl_recipe: str = "sslight"  # resolved per network, e.g. dino-sslight-small
+    rob_recipe: str = "auto"  # rob-<teacher family>-small
 
 
 BUDGETS = {
     # seconds, for the test suite: a handful of images, every stage still runs
     "tiny": Budget(
         steps=2,
+        teacher_steps=2,
         data_limit=64,
         eval_train=200,
         eval_test=100,
@@ -58,9 +66,11 @@ BUDGETS = {
         calibration_images=16,
         batch_size=16,
     ),
-    # under 10 minutes on 2 CPU cores
+    # under 10 minutes on 2 CPU cores: a few hundred small-batch steps per run, with the
+    # "-short" recipes whose dynamics are fitted to such runs (recipes/dino.yaml, recipes/rob.yaml)
     "small": Budget(
-        steps=40,
+        steps=160,
+        teacher_steps=160,
         data_limit=None,
         eval_train=10000,
         eval_test=2000,
@@ -68,10 +78,14 @@ BUDGETS = {
         bench_rounds=30,
         parity_images=64,
         calibration_images=64,
+        batch_size=64,
+        ssl_recipe="dino-sslight-short",
+        rob_recipe="rob-dino-short",
     ),
     # about an hour or two on 2 CPU cores: 5 epochs of Fashion-MNIST per run
     "full": Budget(
         steps=5 * 234,
+        teacher_steps=5 * 234,
         data_limit=None,
         eval_train=None,
         eval_test=None,
@@ -98,17 +112,15 @@ def _done(run: Path) -> bool:
     return bool(prog.get("finished"))
 
 
-def _train(stage: str, out: Path, budget: Budget, fn, **kw) -> Path:
+def _train(stage: str, out: Path, budget: Budget, fn, steps: int, **kw) -> Path:
     run = out / stage
     if _done(run):
         _log(f"{stage}: reusing {run}")
         return run
     resume = (run / "checkpoint.pt").exists()
-    _log(
-        f"{stage}: training ({budget.steps} steps of {budget.batch_size} images){' — resuming' if resume else ''}"
-    )
+    _log(f"{stage}: training ({steps} steps of {budget.batch_size} images){' — resuming' if resume else ''}")
     # one epoch sized to the budget, so schedules (warm-up, cosine) span the whole run
-    images = budget.steps * budget.batch_size
+    images = steps * budget.batch_size
     overrides = kw.pop("overrides", {})
     overrides = {
         **overrides,
@@ -177,9 +189,10 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         out,
         b,
         pretrain,
+        b.teacher_steps,
         method="dino",
         student=TEACHER_ARCH,
-        recipe="sslight",
+        recipe=b.ssl_recipe,
         overrides=small_head,
     )
     rob = timed(
@@ -189,9 +202,10 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         out,
         b,
         distill,
+        b.steps,
         teacher=str(teacher / "checkpoint.pt"),
         student=STUDENT,
-        recipe="auto",
+        recipe=b.rob_recipe,
     )
     sslight = timed(
         "sslight",
@@ -200,9 +214,10 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         out,
         b,
         pretrain,
+        b.steps,
         method="dino",
         student=STUDENT,
-        recipe="sslight",
+        recipe=b.ssl_recipe,
         overrides=small_head,
     )
 
