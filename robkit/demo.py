@@ -27,6 +27,7 @@ import click
 
 STUDENT = "mobilenet_v3_small"
 TEACHER_ARCH = "resnet18"
+FASHION_MNIST_TRAIN = 60000  # training images of the embedded data set
 EXPORT_TARGETS = ("android-tflite-int8", "onnx-fp32", "onnx-int8-cpu", "ios-coreml-fp16")
 
 
@@ -119,16 +120,18 @@ def _train(stage: str, out: Path, budget: Budget, fn, steps: int, **kw) -> Path:
         return run
     resume = (run / "checkpoint.pt").exists()
     _log(f"{stage}: training ({steps} steps of {budget.batch_size} images){' — resuming' if resume else ''}")
-    # one epoch sized to the budget, so schedules (warm-up, cosine) span the whole run
-    images = steps * budget.batch_size
+    # Schedules (warm-up, cosine) span the whole run: one pass sized to the budget, or whole
+    # epochs of the training set when the budget is larger than it.
+    images = min(steps * budget.batch_size, budget.data_limit or steps * budget.batch_size)
+    epochs = max(1, round(images / FASHION_MNIST_TRAIN))
     overrides = kw.pop("overrides", {})
     overrides = {
         **overrides,
-        "train": {**overrides.get("train", {}), "epochs": 1, "batch_size": budget.batch_size},
+        "train": {**overrides.get("train", {}), "epochs": epochs, "batch_size": budget.batch_size},
     }
     fn(
         data="fashion-mnist",
-        data_limit=min(images, budget.data_limit or images),
+        data_limit=min(images, FASHION_MNIST_TRAIN),
         out=run,
         overrides=overrides,
         resume=resume,
