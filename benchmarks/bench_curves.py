@@ -42,7 +42,7 @@ from robkit.engine.build import distill, pretrain
 from robkit.evaluation import evaluate
 
 TRAIN_IMAGES = 60000
-BATCH = 256
+BATCH = 256  # --batch-size sets it
 SSL_RUNS = [(m, s) for s in ("mobilenet_v3_small", "resnet18") for m in ("dino", "swav", "mocov2")]
 
 
@@ -183,7 +183,9 @@ def plot(results: dict, path: Path) -> None:
         for key, r in results.items():
             if "minutes" not in r and metric in r:
                 ax.axhline(100 * r[metric], ls="--", lw=0.8, color="grey")
-                ax.annotate(key, (0, 100 * r[metric]), fontsize=6, color="grey")
+                ax.text(
+                    0.01, 100 * r[metric], key, fontsize=6, color="grey", transform=ax.get_yaxis_transform()
+                )
         ax.set_xscale("log")
         ax.set_xlabel("training wall-clock (minutes, 2 threads)")
         ax.set_ylabel(f"Fashion-MNIST {metric} top-1 (%)")
@@ -200,11 +202,19 @@ def main() -> None:
     ap.add_argument(
         "--runs", default="all", help="comma-separated: METHOD:STUDENT, rob, lightly (default all)"
     )
+    ap.add_argument(
+        "--recipe",
+        default="sslight",
+        help="pretrain recipe (sslight: the -small records; dino-sslight-short for DINO runs of a few hundred steps)",
+    )
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-train", type=int, default=None, help="train images for kNN/linear (default all)")
     ap.add_argument("--eval-test", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/curves")
     args = ap.parse_args()
+    global BATCH
+    BATCH = args.batch_size
     torch.set_num_threads(args.threads)
     budgets = [float(b) for b in args.budgets.split(",")]
     wanted = None if args.runs == "all" else set(args.runs.split(","))
@@ -229,7 +239,7 @@ def main() -> None:
     def ssl_fn(method: str, student: str):
         def fn(d, ov, images, **eng):
             return pretrain(
-                method, student, "sslight", out=d, overrides=ov, data_limit=images, **_quiet(), **eng
+                method, student, args.recipe, out=d, overrides=ov, data_limit=images, **_quiet(), **eng
             )
 
         return fn
@@ -256,7 +266,8 @@ def main() -> None:
                 )
                 continue
             run, info = run_budgeted(fn, minutes, out / key)
-            save(key, {"run": name, "minutes": minutes, **info, **_eval(str(run / "checkpoint.pt"), **ev_kw)})
+            row = {"run": name, "minutes": minutes, "recipe": args.recipe, "batch": BATCH, **info}
+            save(key, {**row, **_eval(str(run / "checkpoint.pt"), **ev_kw)})
         if wanted is None or "lightly" in wanted:
             key = f"lightly-dino:mobilenet_v3_small-{minutes:g}min"
             if key not in results:
