@@ -28,7 +28,6 @@ import argparse
 import copy
 import csv
 import json
-import platform
 import shutil
 import statistics
 import time
@@ -40,20 +39,11 @@ from robkit.data.datasets import fashion_mnist
 from robkit.engine.bn import precise_bn_from_dataset
 from robkit.engine.build import distill, pretrain
 from robkit.evaluation import evaluate
+from robkit.export.bench import cpu_name
 
 TRAIN_IMAGES = 60000
 BATCH = 256  # --batch-size sets it
 SSL_RUNS = [(m, s) for s in ("mobilenet_v3_small", "resnet18") for m in ("dino", "swav", "mocov2")]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _quiet() -> dict:
@@ -225,7 +215,7 @@ def main() -> None:
     ev_kw = {"train_limit": args.eval_train, "test_limit": args.eval_test}
 
     def save(key: str, row: dict) -> None:
-        results[key] = {**row, "cpu": _cpu(), "threads": args.threads}
+        results[key] = {**row, "cpu": cpu_name(), "threads": args.threads}
         res_path.write_text(json.dumps(results, indent=2))
         print(key, json.dumps(results[key]), flush=True)
 
