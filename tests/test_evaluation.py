@@ -254,12 +254,8 @@ def test_cli_knn_on_raw_pixels_matches_independent_numpy_knn():
     assert acc == pytest.approx(float((votes.argmax(1) == te.labels.numpy()).mean()), abs=1e-6)
 
 
-@needs_fmnist
-def test_cli_evaluates_a_robkit_checkpoint_and_saves_the_probe(tmp_path):
-    from robkit.models.students import build_student
-
-    torch.manual_seed(0)
-    student = build_student("resnet18")
+def _resnet18_checkpoint(tmp_path, student, std: float, **extra):
+    """A robkit DINO checkpoint of ``student`` (a ResNet-18) at 32 px, mean 0.5 and the given std."""
     ckpt = make_checkpoint(
         kind="pretrain",
         method="dino",
@@ -267,12 +263,22 @@ def test_cli_evaluates_a_robkit_checkpoint_and_saves_the_probe(tmp_path):
         backbone=student.backbone.state_dict(),
         head=None,
         teacher=None,
-        normalization={"mean": [0.5] * 3, "std": [0.5] * 3},
+        normalization={"mean": [0.5] * 3, "std": [std] * 3},
         resolution=32,
         config={},
         metrics={},
+        **extra,
     )
-    path = atomic_save(ckpt, tmp_path / "checkpoint.pt")
+    return atomic_save(ckpt, tmp_path / "checkpoint.pt")
+
+
+@needs_fmnist
+def test_cli_evaluates_a_robkit_checkpoint_and_saves_the_probe(tmp_path):
+    from robkit.models.students import build_student
+
+    torch.manual_seed(0)
+    student = build_student("resnet18")
+    path = _resnet18_checkpoint(tmp_path, student, std=0.5)
     runner = CliRunner()
     limits = ["--train-limit", "120", "--test-limit", "60", "--batch-size", "60"]
     knn = runner.invoke(eval_group, ["knn", str(path), *limits, "--json"])
@@ -331,20 +337,7 @@ def test_untrained_baseline_is_the_runs_initial_network_with_precise_bn(tmp_path
     torch.manual_seed(3)
     init = build_student("resnet18")
     trained = build_student("resnet18")  # stands in for trained weights: anything but the initial ones
-    ckpt = make_checkpoint(
-        kind="pretrain",
-        method="dino",
-        student={"arch": "resnet18", "kwargs": {}},
-        backbone=trained.backbone.state_dict(),
-        head=None,
-        teacher=None,
-        normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
-        resolution=32,
-        config={},
-        metrics={},
-        seed=3,
-    )
-    path = atomic_save(ckpt, tmp_path / "checkpoint.pt")
+    path = _resnet18_checkpoint(tmp_path, trained, std=0.25, seed=3)
     rebuilt = untrained_student("resnet18", seed=3)
     for a, b in zip(rebuilt.state_dict().values(), init.state_dict().values()):
         assert torch.equal(a, b)
