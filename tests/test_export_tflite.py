@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from export_helpers import MEAN, RES, STD, cos, make_student, normalised, outlier_cnn
 
 from robkit.cli import main
-from robkit.engine.checkpoint import atomic_save, make_checkpoint
 from robkit.export.images import load_images
+from robkit.models.checkpoint import atomic_save, make_checkpoint
 
 
 def run_litert(path, x: np.ndarray) -> np.ndarray:
@@ -85,10 +85,16 @@ def classifier(tmp_path_factory):
     return d / "cls.tflite", student, probe, labels
 
 
+def rgb01_nhwc(u8: torch.Tensor) -> np.ndarray:
+    """uint8 NCHW pixels as the float NHWC [0, 1] input a mobile TFLite file takes."""
+    return (u8.float() / 255).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def test_fp32_nhwc_classifier_matches_pytorch(classifier):
     path, student, probe, _ = classifier
     u8, _ = load_images("fashion-mnist", "test", 12, RES, offset=200)
-    out = run_litert(path, normalised(u8).permute(0, 2, 3, 1).contiguous().numpy())
+    # the mobile file takes plain RGB in [0, 1] (NHWC): its graph applies the normalisation
+    out = run_litert(path, rgb01_nhwc(u8))
     with torch.no_grad():
         ref = probe(student(normalised(u8))).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
@@ -103,7 +109,8 @@ def test_card_embedded_in_the_flatbuffer_and_sidecar(classifier):
     sidecar = json.loads(path.with_name(path.name + ".json").read_text())
     assert embedded["labels"] == labels == sidecar["labels"]
     assert embedded["input"]["layout"] == "NHWC" and embedded["input"]["shape"] == [1, RES, RES, 3]
-    assert embedded["normalization"]["mean"] == MEAN and not embedded["normalization"]["applied_in_model"]
+    assert embedded["normalization"]["mean"] == MEAN and embedded["normalization"]["applied_in_model"]
+    assert embedded["input"]["range"] == "0-1"
     assert sidecar["target"] == "android-tflite-fp32" and sidecar["output"]["kind"] == "logits"
     assert sidecar["metadata_embedded"] is True and sidecar["status"] == "passed"
 
@@ -159,4 +166,4 @@ def test_int8_search_keeps_the_breaking_module_float_and_the_file_follows_it(tmp
     x = normalised(u8)
     with torch.no_grad():
         ref = net(x)
-    assert cos(run_litert(res.path, x.permute(0, 2, 3, 1).contiguous().numpy()), ref) > 0.98
+    assert cos(run_litert(res.path, rgb01_nhwc(u8)), ref) > 0.98

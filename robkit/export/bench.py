@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 from robkit.export import card as cards
+from robkit.export.filemodel import ExportError
+from robkit.utils.constants import imagenet_normalization
+from robkit.utils.files import atomic_write_json
 
 
 @dataclass
@@ -126,10 +129,7 @@ def measure_peak(threads: int, cache: Path | None = None, refresh: bool = False)
         return float(data[key])
     n = 2048
     data[key] = round(2 * n**3 / seconds(n, threads, 10) / 1e9, 1)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, cache)
+    atomic_write_json(cache, data, indent=1)
     return float(data[key])
 
 
@@ -154,10 +154,10 @@ def sample_input(card: dict[str, Any]) -> np.ndarray:
         format=card.get("format", "onnx"),
         layout=spec["layout"],
         input_dtype="uint8" if spec["dtype"] == "uint8" else "float32",
-        input="image" if spec["dtype"].startswith("image") else "tensor",
+        input="image" if spec["dtype"].startswith("image") or spec.get("range") == "0-1" else "tensor",
     )
     u8, _ = load_images("fashion-mnist", "test", 1, int(spec["resolution"]))
-    norm = card.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    norm = card.get("normalization") or imagenet_normalization()
     return make_inputs(u8, t, norm["mean"], norm["std"]).numpy()
 
 
@@ -165,9 +165,7 @@ def file_runner(path: Path, threads: int) -> Runner:
     """A runner for an exported file at ``threads`` threads (card next to it required)."""
     card = cards.read_card(path)
     if card is None:
-        raise FileNotFoundError(
-            f"{path} has no card {cards.card_path(path).name}; export it with `robkit export`"
-        )
+        raise ExportError(f"{path} has no card {cards.card_path(path).name}; export it with `robkit export`")
     x = sample_input(card)
     size = cards.file_bytes(path) / 1e6
     from robkit.export.filemodel import open_runner

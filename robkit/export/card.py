@@ -8,29 +8,20 @@ labels, parity, latency (once benched) and the file's sha256.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from robkit import __version__
+from robkit.utils.files import atomic_write_json, sha256_path
 
 CARD_VERSION = 1
 
 
 def sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, or of a Core ML package folder (its files in sorted order, names included)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_path(path)
 
 
 def file_bytes(path: str | os.PathLike) -> int:
@@ -52,6 +43,26 @@ def _data_spec(meta: dict[str, Any]) -> Any:
     if isinstance(data, dict):
         return data.get("spec")
     return data or (meta.get("config") or {}).get("data")
+
+
+def _license(meta: dict[str, Any]) -> str | None:
+    """The checkpoint's licence, else its teacher's (a distilled student inherits the teacher's terms)."""
+    if meta.get("license"):
+        return str(meta["license"])
+    teacher = meta.get("teacher")
+    if isinstance(teacher, dict):
+        if teacher.get("license"):
+            return str(teacher["license"])
+        teacher = teacher.get("name")
+    if not teacher:
+        return None
+    from robkit.catalog import CatalogError, registry
+
+    try:
+        lic = registry("teachers").get(str(teacher)).get("license")
+    except CatalogError:
+        return None
+    return str(lic) if lic else None
 
 
 def base_card(
@@ -82,6 +93,7 @@ def base_card(
         "epochs": (config.get("train") or {}).get("epochs", config.get("epochs")),
         "progress": meta.get("progress"),
         "metrics": meta.get("metrics") or {},
+        "license": _license(meta),
         "target": target["name"],
         "format": target["format"],
         "precision": target["precision"],
@@ -99,11 +111,7 @@ def base_card(
 def write_card(path: str | os.PathLike, card: dict[str, Any]) -> Path:
     """Write ``<path>.json`` with the file's size and sha256 filled in."""
     card = {**card, "file": Path(path).name, "file_bytes": file_bytes(path), "file_sha256": sha256(path)}
-    out = card_path(path)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_json(card_path(path), card)
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -115,7 +123,4 @@ def update_card(path: str | os.PathLike, **fields: Any) -> None:
     """Merge ``fields`` into an existing card (e.g. latency after ``robkit bench``)."""
     card = read_card(path) or {}
     card.update(fields)
-    out = card_path(path)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(card, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    atomic_write_json(card_path(path), card)

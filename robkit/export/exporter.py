@@ -38,10 +38,10 @@ from robkit.export.quantize import (
 )
 from robkit.export.targets import ExportTarget, validate
 from robkit.export.wrappers import build_export_module, make_inputs
+from robkit.utils.constants import imagenet_normalization
 
 log = logging.getLogger(__name__)
 
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 SEARCH_IMAGES = 32  # calibration images the mixed-precision search scores candidates on
 RANKING_IMAGES = 8  # search images each module's int8 damage is measured on (PT2E ranking)
 
@@ -99,7 +99,7 @@ def export_model(
     """
     target = validate(target)
     meta = dict(meta or {})
-    norm = meta.get("normalization") or IMAGENET
+    norm = meta.get("normalization") or imagenet_normalization()
     mean, std = list(norm["mean"]), list(norm["std"])
     res = int(resolution or target.resolution or meta.get("resolution") or 224)
     out = Path(out)
@@ -138,8 +138,10 @@ def export_model(
         ),
         "shape": list(example.shape),
         "layout": target.layout,
-        "dtype": "image (RGB)" if target.input == "image" else target.input_dtype,
-        "range": "0-255" if target.input_dtype == "uint8" or target.input == "image" else "normalized",
+        "dtype": "image (RGB)"
+        if target.input == "image" and target.format == "coreml"
+        else target.input_dtype,
+        "range": _input_range(target),
         "color": "RGB",
         "resolution": res,
         "batch": "dynamic" if target.format == "onnx" else 1,
@@ -208,6 +210,8 @@ def export_model(
         card["status"] = "passed" if report.passed else "failed"
     _embed(out, target, card)
     card_path = cards.write_card(out, card)
+    if target.format == "tflite" and card["conversion"]["parity_file_sha256"] != cards.sha256(out):
+        raise RuntimeError(f"{out} changed after its parity run; this is a robkit bug")
     card = cards.read_card(out) or card
     result = ExportResult(out, card_path, card, report)
     if not report.passed and strict:
@@ -225,8 +229,22 @@ def export_model(
     return result
 
 
+def _input_range(target: ExportTarget) -> str:
+    """What one input value is: raw pixels, pixels / 255, or training-normalised values.
+
+    TFLite ``image`` files take RGB float in [0, 1] (MediaPipe feeds ``pixel / 255`` when the
+    metadata says mean 0, std 255); Core ML ``image`` inputs are ImageType pixels 0..255."""
+    if target.input_dtype == "uint8":
+        return "0-255"
+    if target.input == "image":
+        return "0-255" if target.format == "coreml" else "0-1"
+    return "normalized"
+
+
 def _embed(out: Path, target: ExportTarget, card: dict[str, Any]) -> None:
-    """Metadata inside the file itself (the sidecar is written afterwards, with the file's hash)."""
+    """Metadata inside the file itself (the sidecar is written afterwards, with the file's hash).
+
+    TFLite files get theirs in ``_tflite``, before parity runs, so this is ONNX only."""
     if target.format == "onnx":
         from robkit.export.coreml_format import flat_metadata
         from robkit.export.onnx_format import write_metadata
@@ -236,10 +254,6 @@ def _embed(out: Path, target: ExportTarget, card: dict[str, Any]) -> None:
             {"robkit.status": card["status"], "robkit.parity_cosine": str(round(card["parity"]["cosine"], 6))}
         )
         write_metadata(out, md)
-    elif target.format == "tflite":
-        from robkit.export.tflite_format import embed_metadata
-
-        card["metadata_embedded"] = embed_metadata(out, card)
 
 
 # ----------------------------------------------------------------------------------- formats
@@ -283,7 +297,28 @@ def _onnx(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, 
     return outputs, None, conversion, plan, ""
 
 
-def _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit, quantizer_factory=None, fold=False):
+def _float_boundary(keep):
+    """``keep`` that also leaves the wrapper's own ops (layout permute, folded normalisation) float.
+
+    Annotated, they make litert-torch give the file an int8 input tensor, which MediaPipe Tasks
+    refuses ("Type mismatch for input tensor ...: Requested one of these types: uint8/float32, got
+    INT8"); left float, the file takes float32 RGB and quantises at the student's first layer."""
+    from robkit.export.quantize import module_path
+
+    return lambda n: module_path(n).startswith(("student", "probe")) and keep(n)
+
+
+def _pt2e_static_int8(
+    module,
+    target,
+    example,
+    cal_x,
+    search_x,
+    is_vit,
+    quantizer_factory=None,
+    fold=False,
+    float_input=False,
+):
     """PT2E static int8 (litert-torch's quantiser by default, XNNPACK's for ExecuTorch) with the units
     the sensitivity search keeps in float: ``(plan, quantised graph module, quantizer)``.
 
@@ -295,9 +330,10 @@ def _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit, quantize
     from robkit.export import tflite_format as T
 
     program = torch.export.export(module, (example,))
-    gm, quantizer = T.pt2e_quantize(
-        program, example, cal_x, node_filter([], module, is_vit), quantizer_factory=quantizer_factory
-    )
+    keep = node_filter([], module, is_vit)
+    if float_input:
+        keep = _float_boundary(keep)
+    gm, quantizer = T.pt2e_quantize(program, example, cal_x, keep, quantizer_factory=quantizer_factory)
     with torch.no_grad():
         search_ref = module(search_x)
 
@@ -318,7 +354,7 @@ def _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit, quantize
     return plan, chosen, quantizer
 
 
-def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, **_):
+def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x, labels, card, **_):
     from robkit.export import tflite_format as T
 
     conversion: dict[str, Any] = {"runtime": "ai-edge-litert (XNNPACK)", "converter": "litert-torch"}
@@ -330,7 +366,9 @@ def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x
         (T.convert_fp16 if target.precision == "fp16" else T.convert_dynamic_int8)(tmp / "fp32.tflite", out)
         conversion["quantizer"] = "ai-edge-quantizer"
     else:
-        plan, gm, quantizer = _pt2e_static_int8(module, target, example, cal_x, search_x, is_vit)
+        plan, gm, quantizer = _pt2e_static_int8(
+            module, target, example, cal_x, search_x, is_vit, float_input=target.input_dtype == "float32"
+        )
         simulated = T.run_torch_batch1(gm, par_x)
         T.convert_static_int8(gm, quantizer, example, out)
         conversion["quantizer"] = "litert-torch PT2E (static, per-channel)"
@@ -341,7 +379,14 @@ def _tflite(*, module, target, out, tmp, example, cal_x, par_x, is_vit, search_x
     if scale:
         target_input = {"scale": float(scale), "zero_point": int(zero)}
         conversion["input_quantization"] = target_input
-    outputs = runner.run_batches(par_x.numpy())
+    del runner
+    # Metadata (standard + card) goes in before parity: the file measured is the file that ships.
+    # The embedded card therefore has provenance, I/O contract and conversion, not the parity
+    # numbers, which the sidecar card holds next to the hash of these very bytes.
+    embedded = {**card, "conversion": conversion, "quantization": plan.as_dict() if plan else None}
+    card["metadata_embedded"] = T.embed_metadata(out, embedded, labels)
+    conversion["parity_file_sha256"] = cards.sha256(out)
+    outputs = T.TFLiteRunner(out, threads=torch.get_num_threads()).run_batches(par_x.numpy())
     return outputs, simulated, conversion, plan, ""
 
 

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from robkit.export import card as cards
+from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
+from robkit.utils.errors import RobkitError
 
 SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "executorch"}
 
 
-class ExportError(ValueError):
+class ExportError(RobkitError, ValueError):
     """An exported file that cannot be run here (no card, or a runtime this machine lacks)."""
 
 
@@ -50,8 +52,9 @@ def open_runner(path: str | os.PathLike, card: dict[str, Any], threads: int) -> 
 class ExportedFileModel(nn.Module):
     """``normalised float [B, 3, R, R] -> the file's output [B, D]``, through the file's own runtime.
 
-    The input is converted to the file's contract (its card): NHWC layout, and for uint8 files
-    the raw pixels (normalisation undone and rounded, as an app would feed them)."""
+    The input is converted to the file's contract (its card): NHWC layout, and for files that
+    take pixels (uint8 0..255, or float RGB in [0, 1] as MediaPipe feeds TFLite files) the
+    normalisation is undone and rounded to whole pixels, as an app would feed them."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
@@ -68,15 +71,17 @@ class ExportedFileModel(nn.Module):
         self.resolution = int(spec["resolution"])
         self.nhwc = spec["layout"] == "NHWC"
         self.uint8 = spec["dtype"] == "uint8"
+        self.unit_range = spec.get("range") == "0-1"  # float pixels / 255
         norm = card.get("normalization") or {}
-        self.mean = list(norm.get("mean", (0.485, 0.456, 0.406)))
-        self.std = list(norm.get("std", (0.229, 0.224, 0.225)))
+        self.mean = list(norm.get("mean", IMAGENET_MEAN))
+        self.std = list(norm.get("std", IMAGENET_STD))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uint8:
+        if self.uint8 or self.unit_range:
             m = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
             s = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
-            x = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+            x = ((x * s + m) * 255).round().clamp(0, 255)
+            x = x.to(torch.uint8) if self.uint8 else x / 255
         if self.nhwc:
             x = x.permute(0, 2, 3, 1)
         y = self.runner.run_batches(np.ascontiguousarray(x.cpu().numpy()))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from robkit.catalog import CatalogError, Record, registry
+from robkit.utils.errors import RobkitError
 
 FORMATS = ("onnx", "tflite", "coreml", "executorch")
 SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage", "executorch": ".pte"}
@@ -30,7 +31,7 @@ CAPABILITIES: dict[str, dict[str, tuple[str, ...]]] = {
         "precision": ("fp32", "fp16", "int8"),
         "layout": ("NCHW", "NHWC"),
         "input_dtype": ("float32", "uint8"),
-        "input": ("tensor",),
+        "input": ("image", "tensor"),
     },
     "coreml": {
         "precision": ("fp32", "fp16", "int8"),
@@ -62,7 +63,7 @@ DEFAULT_PARITY = {
 }
 
 
-class TargetError(ValueError):
+class TargetError(RobkitError, ValueError):
     """An export target or option combination that robkit cannot produce."""
 
 
@@ -90,7 +91,8 @@ class ExportTarget:
 
     @property
     def folds_normalization(self) -> bool:
-        """uint8 pixels and Core ML images arrive un-normalised: the model divides by std itself."""
+        """uint8 pixels and images (Core ML ImageType, TFLite RGB in [0, 1]) arrive un-normalised:
+        the model divides by std itself."""
         return self.input_dtype == "uint8" or self.input == "image"
 
     def as_dict(self) -> dict[str, Any]:

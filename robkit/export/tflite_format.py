@@ -6,8 +6,10 @@ Pitfalls handled here (all reproduced with litert-torch 0.10 / ai-edge-litert 2.
   at a time;
 * static int8 files may have int8 input/output tensors: the runner (and the app) quantise the
   input with the tensor's (scale, zero_point) and dequantise the output;
-* litert-torch writes no TFLite Support metadata; the card is stored in the flatbuffer's own
-  ``metadata`` table (name ``robkit_card``), which interpreters ignore, plus the JSON sidecar.
+* litert-torch writes no TFLite Support metadata, and MediaPipe Tasks refuses a float image model
+  without it: :func:`embed_metadata` adds the standard ``TFLITE_METADATA`` entry (see
+  ``tflite_metadata.py``) and robkit's card (entry ``robkit_card``, ignored by interpreters and
+  clients), in one re-pack, before parity runs, so parity measures the bytes that ship.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from robkit.utils.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -170,36 +174,44 @@ def op_counts(path: str | os.PathLike) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def embed_metadata(path: str | os.PathLike, card: dict[str, Any]) -> bool:
-    """Store ``card`` as JSON in the flatbuffer's ``metadata`` table; False if the file cannot take it."""
+def embed_metadata(path: str | os.PathLike, card: dict[str, Any], labels: list[str] | None = None) -> bool:
+    """Store the standard TFLite Support metadata built from ``card`` (with ``labels`` as a
+    TENSOR_AXIS_LABELS associated file) and ``card`` itself as JSON in the flatbuffer's
+    ``metadata`` table; False if the file cannot take them (the sidecar card still has the card)."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as fb
+
+    from robkit.export import tflite_metadata as TM
 
     path = Path(path)
     try:
         model = fb.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
         if any(getattr(b, "offset", 0) for b in (model.buffers or [])):
             return False  # weights stored outside the flatbuffer (>2 GB layout): leave the file alone
-        buf = fb.BufferT()
-        buf.data = np.frombuffer(json.dumps(card, sort_keys=True).encode(), dtype=np.uint8)
-        model.buffers = (model.buffers or []) + [buf]
-        meta = fb.MetadataT()
-        meta.name = CARD_METADATA_NAME
-        meta.buffer = len(model.buffers) - 1
+        entries = {
+            TM.METADATA_NAME: TM.build_metadata(card, labels),
+            CARD_METADATA_NAME: json.dumps(card, sort_keys=True).encode(),
+        }
         model.metadata = [
             m
             for m in (model.metadata or [])
-            if m.name not in (CARD_METADATA_NAME, CARD_METADATA_NAME.encode())
+            if (m.name.decode() if isinstance(m.name, bytes) else m.name) not in entries
         ]
-        model.metadata.append(meta)
+        for name, data in entries.items():
+            buf = fb.BufferT()
+            buf.data = np.frombuffer(data, dtype=np.uint8)
+            model.buffers = (model.buffers or []) + [buf]
+            meta = fb.MetadataT()
+            meta.name = name
+            meta.buffer = len(model.buffers) - 1
+            model.metadata.append(meta)
         builder = flatbuffers.Builder(1024)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(builder.Output()))
-        os.replace(tmp, path)
+        packed = TM.append_zip(bytes(builder.Output()), TM.associated_files(labels))
+        atomic_write_bytes(path, packed)
         return True
     except Exception as e:  # the sidecar card still exists
-        log.warning("could not embed the card into %s (%s); the sidecar JSON has it", path, e)
+        log.warning("could not embed metadata into %s (%s); the sidecar JSON has the card", path, e)
         return False
 
 

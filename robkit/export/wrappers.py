@@ -23,7 +23,8 @@ class ExportModule(nn.Module):
     """``input [B,3,H,W] or [B,H,W,3] -> embedding [B,D] or logits/probabilities [B,C]``.
 
     ``pixel_scale`` is what one input unit is worth in [0, 1] pixels: ``1/255`` for uint8
-    pixels, ``1.0`` for Core ML images (the ImageType applies the 1/255), ``None`` when the
+    pixels, ``1.0`` for images (Core ML's ImageType applies the 1/255; TFLite image inputs are
+    RGB in [0, 1], what MediaPipe feeds with mean 0, std 255), ``None`` when the
     input is already normalised (the normalisation is then the app's job, as in training).
     """
 
@@ -117,7 +118,7 @@ def make_inputs(
     if target.input_dtype == "uint8":
         x = images_u8.clone()
     elif target.input == "image":
-        x = images_u8.float() / 255.0  # what the graph sees after ImageType's scale=1/255
+        x = images_u8.float() / 255.0  # Core ML: after ImageType's scale=1/255; TFLite: MediaPipe's (x-0)/255
     else:
         m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         s = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
