@@ -31,6 +31,7 @@ SSLight (Tan et al. 2023) tunes this sampler: crop scales ``S_g``/``S_l``, resol
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
+from robkit.utils.errors import RecipeError
 
 
 @dataclass
@@ -65,6 +66,15 @@ class CropParams:
             self.gray[idx],
             self.blur_sigma[idx],
             self.solarize[idx],
+        )
+
+    def to(self, device: torch.device | str) -> CropParams:
+        """The same parameters on ``device`` (drawn on the host, rendered where the model runs)."""
+        return CropParams(
+            *(
+                getattr(self, f.name).to(device, non_blocking=True)
+                for f in dataclasses.fields(self)  # in declaration order, as the constructor takes them
+            )
         )
 
 
@@ -104,9 +114,9 @@ class MultiCropViews:
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+                raise RecipeError(f"views.{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
         if self.n_global < 1:
-            raise ValueError(f"n_global must be >= 1, got {self.n_global}")
+            raise RecipeError(f"views.n_global must be >= 1, got {self.n_global}")
 
     @property
     def n_crops(self) -> int:
@@ -177,11 +187,14 @@ class MultiCropViews:
 
     # ------------------------------------------------------------------ rendering
     def render(self, images: torch.Tensor, params: ViewParams, first_crop: int = 0) -> list[torch.Tensor]:
-        """Render the crops of ``params`` from ``uint8``/float ``[B, 3, S, S]`` images → normalised views."""
+        """Render the crops of ``params`` from ``uint8``/float ``[B, 3, S, S]`` images → normalised views.
+
+        Rendered on the images' device; ``params`` (drawn on the host) are moved there.
+        """
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         out: list[torch.Tensor] = []
         i = 0
-        crops = params.crops
+        crops = [cp.to(x.device) for cp in params.crops]
         while i < len(crops):  # one roi_align per run of same-size crops
             size = self.crop_size(first_crop + i)
             j = i
@@ -194,8 +207,8 @@ class MultiCropViews:
     def _render_group(self, x: torch.Tensor, crops: list[CropParams], size: int) -> list[torch.Tensor]:
         b = x.shape[0]
         n = len(crops)
-        boxes = torch.cat([cp.boxes for cp in crops], 0)
-        idx = torch.arange(b, dtype=boxes.dtype).repeat(n).unsqueeze(1)
+        boxes = torch.cat([cp.boxes for cp in crops], 0).to(x.dtype)
+        idx = torch.arange(b, dtype=boxes.dtype, device=x.device).repeat(n).unsqueeze(1)
         v = roi_align(
             x,
             torch.cat([idx, boxes], 1),
@@ -214,8 +227,8 @@ class MultiCropViews:
             vk = _gaussian_blur(vk, cp.blur_sigma)
             vk = torch.where(cp.solarize.view(-1, 1, 1, 1), torch.where(vk >= 0.5, 1.0 - vk, vk), vk)
             views.append(vk)
-        m = torch.tensor(self.mean).view(1, 3, 1, 1)
-        s = torch.tensor(self.std).view(1, 3, 1, 1)
+        m = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return [(vk - m) / s for vk in views]
 
     def __call__(self, images: torch.Tensor, g: torch.Generator, valid_hw: torch.Tensor | None = None):
@@ -341,7 +354,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     if radius == 0:
         return x
     r_img = torch.clamp(torch.ceil(3 * sigma.double()), max=min(h, w) - 1).view(-1, 1)  # as blur_radius
-    k = torch.arange(-radius, radius + 1, dtype=x.dtype).view(1, -1)
+    k = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device).view(1, -1)
     sig = sigma.clamp(min=1e-3).view(-1, 1).to(x.dtype)
     ker = torch.exp(-0.5 * (k / sig) ** 2) * (k.abs() <= r_img)
     ker = ker / ker.sum(1, keepdim=True)  # [B, K]

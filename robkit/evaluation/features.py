@@ -84,11 +84,15 @@ def extract_features(
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    # The statistics as tensors on the model's device: to_model_input's as_tensor keeps their
+    # device, so the normalisation runs next to the model instead of mixing devices.
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=dev)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=dev)
     bar = tqdm(total=len(dataset), desc="features", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         with torch.inference_mode(), autocast:
             for images, y in _uint8_batches(dataset, batch_size, num_workers):
-                x = to_model_input(images.to(dev, non_blocking=True), resolution, mean, std)
+                x = to_model_input(images.to(dev, non_blocking=True), resolution, mean_t, std_t)
                 out = model(x)
                 if out.ndim != 2:
                     raise ValueError(
