@@ -12,7 +12,6 @@ A file holds either one record (a mapping with ``name``) or many (a mapping with
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 from collections.abc import Iterator
@@ -23,10 +22,13 @@ from typing import Any
 
 import yaml
 
+from robkit.utils.errors import RobkitError
+from robkit.utils.suggest import did_you_mean
+
 KINDS = ("teachers", "recipes", "export")
 
 
-class CatalogError(KeyError):
+class CatalogError(RobkitError, KeyError):
     """A name is not in a catalog; the message lists close names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -81,8 +83,7 @@ class Registry:
     def get(self, name: str) -> Record:
         if name in self.records:
             return self.records[name]
-        close = difflib.get_close_matches(name, list(self.records), n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, self.records)
         raise CatalogError(
             f"no {self.kind[:-1] if self.kind.endswith('s') else self.kind} named {name!r}.{hint} "
             f"`robkit {self.kind if self.kind != 'export' else 'export targets'} list` shows all {len(self)}."

@@ -107,7 +107,7 @@ def _done(run: Path) -> bool:
     ckpt = run / "checkpoint.pt"
     if not ckpt.exists():
         return False
-    from robkit.engine.checkpoint import safe_load
+    from robkit.models.checkpoint import safe_load
 
     prog = safe_load(ckpt).get("progress", {})
     return bool(prog.get("finished"))

@@ -11,7 +11,7 @@ import torch
 
 import robkit.teachers as teachers
 from robkit.engine.build import build_rob_task, distill, pretrain, resolve_config, teacher_head_family
-from robkit.engine.checkpoint import load_student, safe_load
+from robkit.models.checkpoint import load_student, safe_load
 from robkit.models.students import build_student
 
 TINY = {

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from robkit.engine.build import pretrain
-from robkit.engine.checkpoint import load_student, safe_load
 from robkit.engine.trainer import TrainingDiverged
+from robkit.models.checkpoint import load_student, safe_load
 
 # A tiny DINO set-up on a 64-image slice of Fashion-MNIST: 4 steps of 16 images per epoch.
 TINY = {

@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from robkit.cli.evaluate import eval_group
 from robkit.data.datasets import ImageTensorDataset, fashion_mnist, find_fashion_mnist, to_model_input
-from robkit.engine.checkpoint import atomic_save, make_checkpoint
-from robkit.evaluation.commands import eval_group
 from robkit.evaluation.features import extract_features, raw_pixel_features
 from robkit.evaluation.knn import knn_accuracy, knn_classify
 from robkit.evaluation.linear import LinearProbe, load_probe, save_probe, train_linear_probe
 from robkit.evaluation.lowshot import lowshot_eval, sample_lowshot
+from robkit.models.checkpoint import atomic_save, make_checkpoint
 
 
 def brute_force_knn(train, train_labels, test, k, temperature, num_classes):
@@ -152,7 +152,7 @@ def test_probe_file_round_trips_exactly_and_loads_weights_only(tmp_path):
 
 
 def test_load_probe_rejects_a_student_checkpoint(tmp_path):
-    from robkit.engine.checkpoint import CheckpointError
+    from robkit.models.checkpoint import CheckpointError
 
     atomic_save(make_checkpoint(kind="pretrain", backbone={}), tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match="not a robkit linear-probe"):

@@ -12,8 +12,8 @@ from export_helpers import MEAN, RES, STD, cos, make_student, normalised
 from torch import nn
 
 from robkit.cli import main
-from robkit.engine.checkpoint import atomic_save, make_checkpoint
 from robkit.export.images import load_images
+from robkit.models.checkpoint import atomic_save, make_checkpoint
 
 
 def make_student_checkpoint(path, arch: str = "resnet18"):

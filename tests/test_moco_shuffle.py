@@ -17,9 +17,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from robkit.engine import distributed as dist_utils
 from robkit.engine.tasks import MoCoTask
 from robkit.models.heads import MLPHead
+from robkit.utils import distributed as dist_utils
 
 WORLD, B_LOCAL, FEAT = 2, 4, 6
 SEEDS = (101, 202)  # per-rank generator seeds, different on each rank as the trainer's

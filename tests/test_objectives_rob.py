@@ -20,8 +20,8 @@ from robkit.objectives.rob import (
     RoBSwAVLoss,
     build_rob_loss,
     pair_mask,
-    sinkhorn_knopp,
 )
+from robkit.objectives.sinkhorn import vissl_sinkhorn_knopp
 
 B, K = 3, 7
 TOL = {"rtol": 1e-9, "atol": 1e-10}
@@ -377,7 +377,7 @@ def _sinkhorn_worker(rank: int, folder: str, scores: torch.Tensor) -> None:
     )
     try:
         half = scores.shape[0] // 2
-        codes = sinkhorn_knopp(scores[rank * half : (rank + 1) * half], epsilon=0.03, iterations=3)
+        codes = vissl_sinkhorn_knopp(scores[rank * half : (rank + 1) * half], epsilon=0.03, iterations=3)
         torch.save(codes, f"{folder}/codes{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -393,7 +393,7 @@ def test_sinkhorn_uses_the_global_batch_when_distributed(tmp_path):
     codes = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
     np.testing.assert_allclose(codes.numpy(), _ref_sinkhorn(scores.numpy(), 0.03, 3), rtol=1e-9, atol=1e-12)
     # and differ from per-process Sinkhorn on each half
-    local = torch.cat([sinkhorn_knopp(h, 0.03, 3) for h in scores.split(4)])
+    local = torch.cat([vissl_sinkhorn_knopp(h, 0.03, 3) for h in scores.split(4)])
     assert not torch.allclose(codes, local)
 
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from robkit.objectives.dino import DINOLoss
 from robkit.objectives.mocov2 import MoCoV2Loss
 from robkit.objectives.multicrop import balanced_alpha
-from robkit.objectives.swav import SwAVLoss, sinkhorn_knopp
+from robkit.objectives.sinkhorn import sinkhorn_knopp
+from robkit.objectives.swav import SwAVLoss
 
 # ----------------------------------------------------------------------------- references
 

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 import robkit.teachers as teachers
 from robkit.data.datasets import fashion_mnist
 from robkit.data.views import MultiCropViews
-from robkit.engine.build import build_rob_task, build_views, distill
-from robkit.engine.checkpoint import safe_load
+from robkit.engine.build import build_rob_task, build_views, distill, resolve_run_config
+from robkit.engine.teacher_cache import CacheForm, CacheMismatch, build_cache, open_cache
+from robkit.models.checkpoint import safe_load
 from robkit.models.students import build_student
-from robkit.teachers.cache import CacheForm, CacheMismatch, build_cache, open_cache, rob_config
 
 TINY = {**D.TINY, "train": {**D.TINY["train"], "channels_last": False}}
 ENGINE = {**D.ENGINE, "precise_bn_images": 0}
@@ -59,7 +59,9 @@ def _live_views(seed, epoch, step, steps_per_epoch, batch, cfg):
 def test_cached_targets_equal_the_live_teacher(tmp_path, form):
     path = D._dino_file(tmp_path)
     t = teachers.load(str(path))
-    cfg = rob_config("dino", "mobilenet_v3_small", "auto", TINY, fashion_mnist("train", limit=LIMIT))
+    cfg = resolve_run_config(
+        "rob", "mobilenet_v3_small", "auto", TINY, fashion_mnist("train", limit=LIMIT), "dino"
+    )
     _build(path, tmp_path / "cache", form)
     task = build_rob_task(t, "dino", build_student("mobilenet_v3_small"), cfg, channels_last=False)
     live = {s: task.teacher_targets(_live_views(0, 0, s, 2, 16, cfg)) for s in range(2)}  # before the drop
@@ -118,7 +120,9 @@ def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(tmp_path):
     path = D._dino_file(tmp_path)
     first = _build(path, tmp_path / "c", epochs=2, max_shards=1)
     assert (first["built"], first["complete"]) == (1, False)
-    cfg = rob_config("dino", "mobilenet_v3_small", "auto", TINY, fashion_mnist("train", limit=LIMIT))
+    cfg = resolve_run_config(
+        "rob", "mobilenet_v3_small", "auto", TINY, fashion_mnist("train", limit=LIMIT), "dino"
+    )
     with pytest.raises(CacheMismatch, match="has 0 complete epoch"):
         open_cache(tmp_path / "c", teachers.load(str(path)), cfg, fashion_mnist("train", limit=LIMIT), 0)
     second = _build(path, tmp_path / "c", epochs=2, max_shards=2)

@@ -280,7 +280,7 @@ def test_offline_error_names_url_file_and_folder(env, monkeypatch, how):
 
 
 def test_cli_list_info_fetch_verify(env, server, tmp_path):
-    from robkit.teachers.commands import teachers as group
+    from robkit.cli.teachers import teachers as group
 
     write, cache, _ = env
     _, base = server

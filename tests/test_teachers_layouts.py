@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 import robkit.teachers as teachers
-from robkit.engine.checkpoint import CheckpointError
+from robkit.models.checkpoint import CheckpointError
 from robkit.teachers.layouts import LayoutError
 from robkit.teachers.resnet_wide import WideResNet, resnet50_wide
 from robkit.teachers.teacher import TeacherLoadError
@@ -513,7 +513,7 @@ def test_standard_rn50_uses_torchvision(tmp_path):
 
 
 def test_robkit_checkpoint_as_teacher(tmp_path):
-    from robkit.engine.checkpoint import make_checkpoint
+    from robkit.models.checkpoint import make_checkpoint
     from robkit.models.heads import DINOHead
     from robkit.models.students import build_student
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from robkit.cli import clean_error
+
 PROBE_SUFFIX = ".probe.pt"
 
 
@@ -49,9 +51,9 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run(which: str, checkpoint: str, out: str | None, as_json: bool, **kw: Any) -> dict[str, Any]:
     from robkit.data.datasets import DataError
-    from robkit.engine.checkpoint import CheckpointError
     from robkit.evaluation.api import evaluate
     from robkit.export.executorch_format import ExecuTorchMissing
+    from robkit.models.checkpoint import CheckpointError
 
     probe_path = None
     if which == "linear" and out is not None:
@@ -59,7 +61,7 @@ def _run(which: str, checkpoint: str, out: str | None, as_json: bool, **kw: Any)
     try:
         results = evaluate(checkpoint, which=(which,), progress=not as_json, probe_path=probe_path, **kw)
     except (CheckpointError, DataError, ValueError, ExecuTorchMissing) as e:
-        raise click.ClickException(str(e)) from e
+        raise clean_error(e) from None
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2) + "\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from robkit.cli import clean_error
 from robkit.export.targets import FORMATS
 
 
@@ -70,15 +71,15 @@ def export(
       robkit export run/checkpoint.pt --target auto                   (fastest target meeting parity)
     """
     _quiet_converters()
-    from robkit.engine.checkpoint import CheckpointError, load_student
     from robkit.export.exporter import export_model
     from robkit.export.parity import ParityError
     from robkit.export.targets import TargetError, auto_candidates, resolve_target
+    from robkit.models.checkpoint import CheckpointError, load_student
 
     try:
         student, meta = load_student(checkpoint)
     except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
+        raise clean_error(e) from None
     probe, labels = None, None
     if probe_file:
         from robkit.evaluation.linear import load_probe
@@ -126,13 +127,13 @@ def export(
                 )
                 failures.append(t.name)
                 continue
-            raise click.ClickException(str(e)) from None
+            raise clean_error(e) from None
         except RuntimeError as e:
             if target == "auto" and i + 1 < len(names) and "pip install" in str(e):
                 click.echo(f"  {t.name} unavailable ({str(e).splitlines()[0]}); trying the next")
                 failures.append(t.name)
                 continue
-            raise click.ClickException(str(e)) from None
+            raise clean_error(e) from None
         _summary(res, failures)
         return
 
@@ -284,8 +285,8 @@ def _macs_for(card: dict, cache: dict[str, float]) -> float | None:
 def _torch_runners(checkpoint: str, counts: list[int]):
     import torch
 
-    from robkit.engine.checkpoint import load_student
     from robkit.export import bench as B
+    from robkit.models.checkpoint import load_student
 
     student, meta = load_student(checkpoint)
     res = int(meta.get("resolution") or 224)

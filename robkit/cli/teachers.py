@@ -6,6 +6,8 @@ import time
 
 import click
 
+from robkit.cli import clean_error
+
 
 def _fmt(v, spec: str = "") -> str:
     return "?" if v is None else format(v, spec)
@@ -65,7 +67,7 @@ def info_cmd(name: str) -> None:
     try:
         r = catalog().get(name)
     except CatalogError as e:
-        raise click.ClickException(str(e)) from e
+        raise clean_error(e) from None
     click.echo(yaml.safe_dump({"name": r.name, **r.fields}, sort_keys=False, width=100).rstrip())
     f = cached_file(r)
     sha, where = expected_sha256(r)
@@ -86,7 +88,7 @@ def fetch_cmd(name: str) -> None:
         r = catalog().get(name)
         path = resolve(r)
     except (CatalogError, DownloadError) as e:
-        raise click.ClickException(str(e)) from e
+        raise clean_error(e) from None
     click.echo(f"{name}: {path}\nsha256: {sha256_file(path)}")
     click.echo(f"next: robkit teachers verify {name}")
 
@@ -100,7 +102,7 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
     import torch
 
     from robkit.catalog import CatalogError
-    from robkit.engine.checkpoint import CheckpointError
+    from robkit.models.checkpoint import CheckpointError
     from robkit.teachers import load, resolve_file
     from robkit.teachers.download import DownloadError, expected_sha256, sha256_file
     from robkit.teachers.layouts import LayoutError
@@ -130,7 +132,7 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
         TeacherLoadError,
         FileNotFoundError,
     ) as e:
-        raise click.ClickException(str(e)) from e
+        raise clean_error(e) from None
     g = torch.Generator().manual_seed(0)
     img = torch.rand(batch, 3, teacher.resolution, teacher.resolution, generator=g)
     mean = torch.tensor(teacher.mean).view(1, 3, 1, 1)
@@ -202,7 +204,7 @@ def cache_cmd(
     splits the shards over processes)."""
     from robkit.catalog import CatalogError
     from robkit.engine.config import parse_overrides
-    from robkit.teachers.cache import CacheForm, build_cache
+    from robkit.engine.teacher_cache import CacheForm, build_cache
 
     ov = parse_overrides(list(sets))
     if batch_size is not None:
@@ -226,7 +228,7 @@ def cache_cmd(
             echo=click.echo,
         )
     except (CatalogError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+        raise clean_error(e) from None
     click.echo(
         f"cache {summary['key'][:12]} in {out}: built {summary['built']}, kept {summary['skipped']} "
         f"of {summary['shards']} shard(s); {'complete' if summary['complete'] else 'INCOMPLETE: rerun to finish'}"

@@ -13,6 +13,8 @@ import yaml
 from robkit.catalog import CatalogError, registry
 from robkit.engine.config import load_recipe, parse_overrides
 from robkit.models.students import STUDENTS
+from robkit.utils.errors import RobkitError
+from robkit.utils.files import atomic_write_json
 
 
 def _engine_options(f):
@@ -39,7 +41,21 @@ def _engine_options(f):
             metavar="SECTION.KEY=VALUE",
             help="Override any recipe field, e.g. --set optim.base_lr=0.3 --set views.n_local=4.",
         ),
-        click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly."),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue the interrupted run in --out exactly; refuses, naming every difference, if the "
+            "recipe, data, teacher, batch size, processes, epochs, seed or precision changed.",
+        ),
+        click.option(
+            "--init",
+            "init",
+            type=click.Path(dir_okay=False),
+            default=None,
+            metavar="CHECKPOINT",
+            help="Start a new run from the student weights of a robkit checkpoint (fresh head, optimiser "
+            "and schedule).",
+        ),
         click.option(
             "--precision",
             type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -108,23 +124,31 @@ def _engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quie
 
 
 def _finish(metrics: dict, out_dir: Path, data: str, do_eval: bool, eval_limit: int | None) -> None:
-    from robkit.engine.distributed import rank
+    from robkit.utils.distributed import rank
 
     if rank() != 0:
         return
     ckpt = out_dir / "checkpoint.pt"
+    failed = None
     if do_eval and metrics.get("finished"):
-        try:
-            from robkit.evaluation import evaluate
+        from robkit.evaluation.api import NoLabelsError, evaluate
 
+        try:
             res = evaluate(
                 str(ckpt), data=data, which=("knn",), train_limit=eval_limit, test_limit=eval_limit
             )
             metrics["knn_accuracy"] = res["knn"]["accuracy"]
-            (out_dir / "eval.json").write_text(json.dumps(res, indent=2))
-        except (ValueError, RuntimeError, ImportError) as e:  # e.g. a folder without labels
+            atomic_write_json(out_dir / "eval.json", res)
+        except NoLabelsError as e:  # an unlabelled folder: nothing to evaluate, not a failure
             click.echo(f"(no kNN evaluation: {e})", err=True)
+        except (RobkitError, ValueError, RuntimeError) as e:
+            failed = e
     click.echo(json.dumps({k: v for k, v in metrics.items()}, default=str))
+    if failed is not None:
+        raise click.ClickException(
+            f"training finished (checkpoint {ckpt}) but the final kNN evaluation failed: {failed}. "
+            f"Rerun it with `robkit eval knn {ckpt} --data {data}`, or train with --no-eval."
+        )
     click.echo(f"\nRun folder: {out_dir}  (checkpoint.pt, metrics.csv, curves.png, config.yaml)")
     if not metrics.get("finished"):
         click.echo(f"Stopped before the end; continue with the same command plus --resume --out {out_dir}")
@@ -144,6 +168,7 @@ def _launch(fn, o: dict, **what) -> None:
             o["epochs"], o["batch_size"], o["sets"], o["precision"], o["compile_"], o["channels_last"]
         ),
         resume=o["resume"],
+        init=o["init"],
         data_limit=o["data_limit"],
         **_engine_kwargs(
             o["workers"], o["checkpoint_every"], o["max_steps"], o["time_budget"], o["seed"], o["quiet"]
@@ -154,13 +179,10 @@ def _launch(fn, o: dict, **what) -> None:
 
 def _run(fn, **kw):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from robkit.engine.distributed import init_from_env
+    from robkit.utils.distributed import init_from_env
 
     init_from_env()  # launched by torchrun: join the process group (one process otherwise)
-    try:
-        return fn(**kw)
-    except (CatalogError, ValueError, FileExistsError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    return fn(**kw)  # robkit's own errors become one clean line in robkit.cli
 
 
 @click.command()

@@ -9,16 +9,20 @@ image's area on the canvas so crops are sampled inside it.  Labels are ``-1`` wh
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from robkit.utils.errors import RobkitError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ FASHION_MNIST_CLASSES = (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-class DataError(RuntimeError):
+class DataError(RobkitError, RuntimeError):
     """A data set could not be found or read."""
 
 
@@ -235,6 +239,24 @@ def to_model_input(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     x = images.float().div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def data_fingerprint(ds) -> dict[str, Any]:
+    """``{"name", "images", "sha256"}``: pixels of in-memory data sets; path, size and mtime of files."""
+    h = hashlib.sha256()
+    if hasattr(ds, "images") and isinstance(ds.images, torch.Tensor):
+        h.update(str(tuple(ds.images.shape)).encode())
+        h.update(ds.images.contiguous().numpy().tobytes())
+    elif hasattr(ds, "files"):
+        root = Path(getattr(ds, "root", "."))
+        for f in ds.files:
+            p = Path(f[0] if isinstance(f, tuple) else f)
+            st = p.stat()
+            h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(str(getattr(ds, "canvas_px", "")).encode())
+    else:
+        raise DataError(f"cannot fingerprint a {type(ds).__name__} data set; use a folder or Fashion-MNIST")
+    return {"name": getattr(ds, "name", type(ds).__name__), "images": len(ds), "sha256": h.hexdigest()}

@@ -11,9 +11,11 @@ fixes the eval-mode network without touching any learned weight.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from robkit.data.datasets import ImageTensorDataset, to_model_input
 
@@ -22,6 +24,20 @@ PRECISE_BN_IMAGES = 2048  # clean training images for the BatchNorm re-estimate
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recompute_bn_stats_(net: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics of ``net`` to the exact average over ``batches``.
+
+    ``batches``: model inputs, moved to ``net``'s device.  In place; ``net`` is returned.  This is
+    ``torch.optim.swa_utils.update_bn``, which gives bitwise the statistics of the loop robkit had
+    (statistics reset, ``momentum=None`` -- a cumulative average -- in train mode, then the momenta
+    and the training mode restored).
+    """
+    first = next(net.parameters(), None)
+    update_bn(batches, net, device=None if first is None else first.device)
+    return net
 
 
 @torch.no_grad()
@@ -39,24 +55,14 @@ def precise_bn(
     ``images``: uint8 ``[N, 3, H, W]``; they are resized to ``resolution`` and normalised.
     """
     net = model if inplace else copy.deepcopy(model)
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or images.shape[0] == 0:
+    if not has_batchnorm(net) or images.shape[0] == 0:
         return net
-    was_training = net.training
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average = exact mean over the batches seen
-    net.train()
-    device = next(net.parameters()).device
-    for i in range(0, images.shape[0], batch_size):
-        x = to_model_input(images[i : i + batch_size], resolution, mean, std).to(device)
-        if x.shape[0] > 1:
-            net(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    net.train(was_training)
-    return net
+    batches = (
+        to_model_input(images[i : i + batch_size], resolution, mean, std)
+        for i in range(0, images.shape[0], batch_size)
+    )
+    # A batch of one image has no batch statistics after global pooling (BatchNorm raises): skip it.
+    return recompute_bn_stats_(net, (x for x in batches if x.shape[0] > 1))
 
 
 def precise_bn_images(dataset, n: int = PRECISE_BN_IMAGES, seed: int = 0) -> torch.Tensor:

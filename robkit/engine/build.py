@@ -13,14 +13,19 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
-from robkit.data.datasets import open_dataset
+from robkit.data.datasets import DataError, data_fingerprint, open_dataset
 from robkit.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropViews
 from robkit.engine.config import check_overrides, deep_merge, load_recipe, resolve_recipe_name
 from robkit.engine.tasks import DINOTask, MoCoTask, RoBTask, SwAVTask, Task, rob_student_head
 from robkit.engine.trainer import CheckpointMeta, Trainer, TrainOptions
-from robkit.models import heads as H
+from robkit.models.checkpoint import load_student
+from robkit.models.heads import build_head
 from robkit.models.students import STUDENTS, Student, build_student
+from robkit.teachers.teacher import TeacherLoadError
+from robkit.utils.errors import RecipeError, RunExistsError
+from robkit.utils.files import CheckpointError, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +38,16 @@ def build_views(v: dict[str, Any], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Mult
     return MultiCropViews(**kw, mean=tuple(mean), std=tuple(std))
 
 
-def _head_kwargs(head_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in head_cfg.items() if k != "type"}
+PRETRAIN_HEADS = {"dino": "DINOHead", "swav": "SwAVHead", "mocov2": "MLPHead"}
+
+
+def pretrain_head(method: str, in_dim: int, head_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The recipe's head of a pre-training method; the method fixes the head class (``head.type`` is not read)."""
+    kwargs = {k: v for k, v in head_cfg.items() if k != "type"}
+    if method == "mocov2":  # MoCo's projector [d, hidden, out]
+        dims = [in_dim, kwargs["hidden_dim"], kwargs["out_dim"]]
+        return build_head("MLPHead", dims=dims, use_bn=kwargs.get("use_bn", False))
+    return build_head(PRETRAIN_HEADS[method], in_dim=in_dim, **kwargs)
 
 
 def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], channels_last: bool) -> Task:
@@ -50,7 +63,7 @@ def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], chan
             log.info("teacher-temperature warm-up shortened to the run's %d epochs", epochs)
             loss_cfg["warmup_teacher_temp_epochs"] = epochs
 
-        head = H.DINOHead(d, **_head_kwargs(head_cfg))
+        head = pretrain_head(method, d, head_cfg)
         loss = DINOLoss(head_cfg["out_dim"], n_global=n_global, n_local=n_local, n_epochs=epochs, **loss_cfg)
         return DINOTask(
             student,
@@ -63,7 +76,7 @@ def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], chan
     if method == "swav":
         from robkit.objectives.swav import SwAVLoss
 
-        head = H.SwAVHead(d, **_head_kwargs(head_cfg))
+        head = pretrain_head(method, d, head_cfg)
         loss = SwAVLoss(
             head_cfg["n_prototypes"],
             embed_dim=head_cfg["out_dim"],
@@ -76,12 +89,10 @@ def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], chan
         from robkit.objectives.mocov2 import MoCoV2Loss
 
         if n_global != 2:
-            raise ValueError(
+            raise RecipeError(
                 f"MoCo-v2* uses exactly 2 global views (key + query), got views.n_global={n_global}"
             )
-        head = H.MLPHead(
-            [d, head_cfg["hidden_dim"], head_cfg["out_dim"]], use_bn=head_cfg.get("use_bn", False)
-        )
+        head = pretrain_head(method, d, head_cfg)
         loss_cfg["dim"] = head_cfg["out_dim"]  # the loss works on the head's output
         loss = MoCoV2Loss(n_local=n_local, **loss_cfg)
         return MoCoTask(
@@ -91,7 +102,7 @@ def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], chan
             key_momentum=cfg["ema"].get("key_momentum", 0.999),
             channels_last=channels_last,
         )
-    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    raise RecipeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
 HEAD_FAMILIES = {"DINOHead": "dino", "iBOTHead": "ibot", "SwAVHead": "swav", "MSNHead": "msn"}
@@ -105,7 +116,7 @@ def teacher_head_family(teacher) -> str:
     head_type = getattr(teacher, "head_type", None) or type(getattr(teacher, "head", None)).__name__
     if head_type in HEAD_FAMILIES:
         return HEAD_FAMILIES[head_type]
-    raise ValueError(
+    raise TeacherLoadError(
         f"teacher {getattr(teacher, 'name', '?')!r} has no prototype head (head type {head_type!r}); RoB "
         "distils a distribution over prototypes, so the teacher needs a DINO, iBOT, MSN or SwAV head "
         "(train one with `robkit pretrain --method dino` or `--method swav`)."
@@ -171,6 +182,28 @@ def resolve_config(
     return deep_merge(base, overrides)
 
 
+def resolve_run_config(
+    method: str,
+    student_arch: str,
+    recipe: str,
+    overrides: dict[str, Any] | None,
+    ds: Any,
+    family: str | None = None,
+) -> dict[str, Any]:
+    """The one recipe resolver of ``pretrain``, ``distill`` and ``teachers cache``.
+
+    ``method`` is a pre-training method or ``"rob"`` (then ``family`` is the teacher's head family and
+    ``recipe="auto"`` means ``rob-<family>``); small-image data sets (``ds.canvas_px`` <= 64) get the
+    recipe's ``-small`` variant where one exists.
+    """
+    small = getattr(ds, "canvas_px", 256) <= SMALL_IMAGE_PX
+    if method == "rob" and recipe == "auto":
+        if family is None:
+            raise ValueError("recipe 'auto' needs the teacher's head family")
+        recipe = f"rob-{family}"
+    return resolve_config(method, student_arch, recipe, overrides or {}, small)
+
+
 def _dataset(data, limit: int | None):
     """A data-set spec (see ``open_dataset``) or an already built data set."""
     if isinstance(data, (str, Path)):
@@ -181,8 +214,9 @@ def _dataset(data, limit: int | None):
 def _run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
     out_dir = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "checkpoint.pt").exists() and not resume:
-        raise FileExistsError(
-            f"{out_dir} already holds a run (checkpoint.pt). Continue it with --resume, or choose another --out."
+        raise RunExistsError(
+            f"{out_dir} already holds a run (checkpoint.pt). Continue it with --resume, start a new run from its "
+            "weights with --init, or choose another --out."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -210,26 +244,22 @@ def pretrain(
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
     data_limit: int | None = None,
+    init: str | Path | None = None,
     **engine: Any,
 ) -> tuple[dict[str, Any], Path]:
-    """Self-supervised pre-training without a teacher (SSLight). Returns ``(metrics, run folder)``."""
+    """Self-supervised pre-training without a teacher (SSLight). Returns ``(metrics, run folder)``.
+
+    ``init``: a robkit checkpoint whose student backbone weights start this new run (``--init``);
+    ``resume`` instead continues the interrupted run in ``out`` exactly.
+    """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        raise RecipeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     ds = _dataset(data, data_limit)
-    small = getattr(ds, "canvas_px", 256) <= SMALL_IMAGE_PX
-    cfg = resolve_config(method, student, recipe, overrides or {}, small)
+    cfg = resolve_run_config(method, student, recipe, overrides, ds)
     out_dir = _run_dir(out, f"{method}-{student}", resume)
-    torch.manual_seed(engine.get("seed", 0))  # the same seed gives the same initial weights
-    net = build_student(
-        student,
-        **(
-            {"drop_path_rate": cfg["train"]["drop_path"]}
-            if STUDENTS[student].kind == "vit" and cfg["train"].get("drop_path")
-            else {}
-        ),
-    )
+    net, init_rec = _initial_student(student, cfg, engine.get("seed", 0), init)
     task = build_pretrain_task(method, net, cfg, channels_last=cfg["train"].get("channels_last", True))
-    return _fit(task, cfg, ds, data, out_dir, "pretrain", None, resume, engine)
+    return _fit(task, cfg, ds, data, out_dir, "pretrain", None, resume, engine, init_rec=init_rec)
 
 
 def distill(
@@ -243,22 +273,21 @@ def distill(
     data_limit: int | None = None,
     teacher_obj=None,
     teacher_cache: str | Path | None = None,
+    init: str | Path | None = None,
     **engine: Any,
 ) -> tuple[dict[str, Any], Path]:
     """RoB distillation from a frozen teacher (zoo name, teacher file or robkit checkpoint).
 
     ``teacher_cache``: a folder built by ``robkit teachers cache`` for the same teacher, recipe,
-    data and seed; its global views are replayed and only the teacher's head runs.
+    data and seed; its global views are replayed and only the teacher's head runs. ``init``: a robkit
+    checkpoint whose student backbone weights start this new run.
     """
     from robkit import teachers as zoo
 
     tch = teacher_obj if teacher_obj is not None else zoo.load(teacher)
     family = teacher_head_family(tch)
     ds = _dataset(data, data_limit)
-    small = getattr(ds, "canvas_px", 256) <= SMALL_IMAGE_PX
-    cfg = resolve_config(
-        "rob", student, f"rob-{family}" if recipe == "auto" else recipe, overrides or {}, small
-    )
+    cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
     if cfg.get("teacher_family") and cfg["teacher_family"] != family:
         log.warning(
             "recipe %s was written for %s teachers; the teacher is a %s teacher",
@@ -267,15 +296,7 @@ def distill(
             family,
         )
     out_dir = _run_dir(out, f"rob-{family}-{student}", resume)
-    torch.manual_seed(engine.get("seed", 0))
-    net = build_student(
-        student,
-        **(
-            {"drop_path_rate": cfg["train"]["drop_path"]}
-            if STUDENTS[student].kind == "vit" and cfg["train"].get("drop_path")
-            else {}
-        ),
-    )
+    net, init_rec = _initial_student(student, cfg, engine.get("seed", 0), init)
     task = build_rob_task(tch, family, net, cfg, channels_last=cfg["train"].get("channels_last", True))
     teacher_rec = {
         "name": getattr(tch, "name", str(teacher)),
@@ -284,10 +305,41 @@ def distill(
     }
     source = None
     if teacher_cache is not None:
-        from robkit.teachers.cache import open_cache
+        from robkit.engine.teacher_cache import open_cache
 
         source = open_cache(teacher_cache, tch, cfg, ds, engine.get("seed", 0), needs_patches=task.use_masks)
-    return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine, source)
+    return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine, source, init_rec)
+
+
+def _fingerprint(ds) -> dict[str, Any] | None:
+    try:
+        return data_fingerprint(ds)
+    except DataError:  # a data set type that cannot be fingerprinted: resume checks the rest
+        return None
+
+
+def _initial_student(arch: str, cfg: dict[str, Any], seed: int, init) -> tuple[Student, dict | None]:
+    """The run's seeded initial student (the same seed gives the same weights), or ``--init``'s weights."""
+    torch.manual_seed(seed)
+    vit_drop = STUDENTS[arch].kind == "vit" and cfg["train"].get("drop_path")
+    net = build_student(arch, **({"drop_path_rate": cfg["train"]["drop_path"]} if vit_drop else {}))
+    return net, (init_from_checkpoint(net, init) if init else None)
+
+
+def init_from_checkpoint(student: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a robkit checkpoint's student backbone into ``student`` (``--init``); returns its record.
+
+    Only the backbone is taken: the head, optimiser and schedule start fresh, as a new run should.
+    """
+    src, meta = load_student(path)
+    arch = meta.get("student", {}).get("arch")
+    if arch != getattr(student, "arch", None):
+        raise CheckpointError(
+            f"--init {path}: its student is {arch!r}, this run trains {getattr(student, 'arch', '?')!r}; "
+            f"pass --student {arch} or a checkpoint of the same student"
+        )
+    student.backbone.load_state_dict(src.backbone.state_dict())
+    return {"path": str(path), "sha256": sha256_file(path), "method": meta.get("method")}
 
 
 def _spec(data) -> str:
@@ -305,15 +357,15 @@ def _fit(
     resume: bool,
     engine: dict[str, Any],
     target_source=None,
+    init_rec: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     views = build_views(cfg["views"])
-    with open(out_dir / "config.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(
-            {**cfg, "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
-            f,
-            sort_keys=False,
-        )
     student = task.student
+    identity: dict[str, Any] = {"data": _fingerprint(ds)}
+    if teacher_rec is not None:
+        identity["teacher_sha256"] = teacher_rec.get("sha256")
+    if target_source is not None:
+        identity["target_cache"] = getattr(target_source, "key", None)
     meta = CheckpointMeta(
         kind=kind,
         method=task.method,
@@ -323,9 +375,20 @@ def _fit(
         resolution=int(cfg["views"]["global_size_px"]),
         teacher=teacher_rec,
         data={"spec": _spec(data), "images": len(ds), "name": getattr(ds, "name", _spec(data))},
+        identity=identity,
+        init=init_rec,
     )
     trainer = Trainer(
         task, views, ds, cfg["optim"], cfg.get("ema", {}), _options(cfg, out_dir, engine), meta, target_source
+    )
+    if resume:
+        trainer.check_resume()  # before anything in the run folder changes
+    atomic_write_text(
+        out_dir / "config.yaml",
+        yaml.safe_dump(
+            {**cfg, "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
+            sort_keys=False,
+        ),
     )
     metrics = trainer.fit(resume=resume)
     return metrics, out_dir

@@ -14,10 +14,15 @@ from typing import Any
 import yaml
 
 from robkit.catalog import CatalogError, registry
+from robkit.utils.errors import RecipeError
+from robkit.utils.suggest import did_you_mean
 
-SECTIONS = ("views", "loss", "head", "optim", "ema", "train", "rob", "data")
+SECTIONS = ("views", "loss", "head", "optim", "ema", "train", "rob")
 # Engine settings a recipe need not state, always accepted in the ``train`` section.
 ENGINE_TRAIN_KEYS = ("precision", "channels_last", "compile")
+# Distillation settings the RoB task reads (robkit.engine.build.build_rob_task), with their defaults
+# there; a recipe states only the ones it changes.
+ROB_KEYS = ("teacher_resolution", "teacher_precision", "mask_ratio_range", "mask_p_zero", "patch_drop")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -41,7 +46,7 @@ def load_recipe(name: str) -> dict[str, Any]:
     while "extends" in fields:
         parent = fields.pop("extends")
         if parent in seen:
-            raise ValueError(f"recipe {name!r}: circular 'extends' through {parent!r}")
+            raise RecipeError(f"recipe {name!r}: circular 'extends' through {parent!r}")
         seen.add(parent)
         base = {k: v for k, v in reg.get(parent).fields.items() if k != "records"}
         fields = deep_merge(base, fields)
@@ -70,11 +75,14 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.base_lr=0.1)")
+            raise RecipeError(f"override {item!r} must look like section.key=value (e.g. optim.base_lr=0.1)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) < 2 or parts[0] not in SECTIONS:
-            raise ValueError(f"override {item!r}: the key must start with one of {', '.join(SECTIONS)}")
+            raise RecipeError(
+                f"override {item!r}: the key must start with one of {', '.join(SECTIONS)}."
+                + did_you_mean(parts[0], SECTIONS)
+            )
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -83,16 +91,30 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
 
 
 def check_overrides(recipe: dict[str, Any], overrides: dict[str, Any], path: str = "") -> None:
-    """Refuse an override of a field the recipe does not have (typos would otherwise be ignored)."""
-    open_sections = {"data", "rob"}
+    """Refuse an override of a field the recipe does not have (typos would otherwise be ignored).
+
+    Every section is closed: ``train`` also takes the engine settings (:data:`ENGINE_TRAIN_KEYS`) and
+    ``rob`` the distillation settings (:data:`ROB_KEYS`) a recipe need not state.
+    """
     for k, v in overrides.items():
         here = f"{path}.{k}" if path else k
-        if path == "" and k in open_sections:
-            continue
         if path == "train" and k in ENGINE_TRAIN_KEYS:
             continue
+        if path == "rob" and k in ROB_KEYS:
+            continue
+        if path == "" and k == "rob" and "rob" not in recipe:
+            if not str(recipe.get("method", "")).startswith("rob"):
+                raise RecipeError(
+                    f"override section 'rob' applies to distillation recipes only; {recipe.get('name')!r} "
+                    "is a pre-training recipe (use `robkit distill` for RoB)"
+                )
+            check_overrides({}, v, "rob")
+            continue
         if isinstance(recipe, dict) and k not in recipe:
-            known = ", ".join(sorted(recipe)) if isinstance(recipe, dict) else ""
-            raise ValueError(f"unknown recipe field {here!r}; fields here: {known}")
+            fields = sorted(recipe) + (list(ENGINE_TRAIN_KEYS) if path == "train" else [])
+            fields += list(ROB_KEYS) if path == "rob" else []
+            raise RecipeError(
+                f"unknown recipe field {here!r}.{did_you_mean(k, fields)} Fields here: {', '.join(sorted(set(fields)))}"
+            )
         if isinstance(v, dict) and isinstance(recipe.get(k), dict):
             check_overrides(recipe[k], v, here)

@@ -7,6 +7,8 @@ from functools import cache
 
 import torch
 
+from robkit.utils.errors import RecipeError
+
 
 @cache
 def cpu_flags() -> frozenset[str]:
@@ -41,10 +43,10 @@ def resolve_precision(precision: str, device: torch.device, model: torch.nn.Modu
     unless the model is built from depthwise convolutions (MobileNets), whose bf16 kernels train
     slower than fp32 on CPU (BENCHMARKS.md, training throughput); else fp32."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise RecipeError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("fp16 training needs a CUDA device; use bf16 or fp32 on a CPU")
+            raise RecipeError("fp16 training needs a CUDA device; use bf16 or fp32 on a CPU")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

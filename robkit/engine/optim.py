@@ -12,11 +12,13 @@ weight-decay schedule sets ``group["weight_decay"] = wd * group["wd_factor"]``, 
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import nn
+
+from robkit.utils.errors import RecipeError
+from robkit.utils.suggest import did_you_mean
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
 # ViT tensors that are embeddings rather than weights: never decayed, never LARS-adapted
@@ -166,6 +168,5 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     if key == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown optimiser {name!r}; expected one of {', '.join(OPTIMIZERS)}.{hint}")
+    hint = did_you_mean(key, OPTIMIZERS, n=1)
+    raise RecipeError(f"unknown optimiser {name!r}; expected one of {', '.join(OPTIMIZERS)}.{hint}")

@@ -16,11 +16,15 @@ class RunLog:
     def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.path = Path(out_dir) / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
+        self.fields: list[str] = []
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            for r in self.rows:
+                self.fields += [k for k in r if k not in self.fields]
         elif self.path.exists():
             self.path.unlink()
+        self._field_set = set(self.fields)
         self._rewrite()
         self.tb = None
         if tensorboard:
@@ -31,35 +35,34 @@ class RunLog:
             except Exception:  # tensorboard is optional  # noqa: BLE001
                 self.tb = None
 
-    def _fields(self) -> list[str]:
-        fields: list[str] = []
-        for r in self.rows:
-            fields += [k for k in r if k not in fields]
-        return fields
-
     def _rewrite(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=self._fields() or ["step"])
+            w = csv.DictWriter(f, fieldnames=self.fields or ["step"])
             w.writeheader()
             w.writerows(self.rows)
 
     def add(self, row: dict[str, Any]) -> None:
-        new_field = any(k not in (self.rows[0] if self.rows else {}) for k in row)
+        """Append one step's row: O(1) per step (the file is rewritten only when a new column appears)."""
+        new = [k for k in row if k not in self._field_set]
         self.rows.append(row)
-        if new_field:
+        if new:
+            self.fields += new
+            self._field_set.update(new)
             self._rewrite()
         else:
             with open(self.path, "a", newline="", encoding="utf-8") as f:
-                csv.DictWriter(f, fieldnames=self._fields()).writerow(row)
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, int(row["step"]))
 
     def close(self) -> None:
+        """Close the TensorBoard writer (idempotent)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
     def plot(self, path: Path | None = None, title: str = "") -> Path | None:
         return plot_curves(self.rows, path or self.path.with_name("curves.png"), title)

@@ -65,69 +65,6 @@ def cosine_schedule(
     return torch.cat([warm, cos])
 
 
-class Schedules:
-    """Learning rate, weight decay and EMA momentum per global step.
-
-    ``apply(optimizer, step)`` sets every group's ``lr`` and ``weight_decay = wd[step] * wd_factor``
-    (``wd_factor`` from :func:`robkit.engine.optim.param_groups`, 1 when absent);
-    ``momentum(step)`` is the EMA momentum of the teacher/key encoder.  All are pure functions of
-    the step, so resuming needs only the step counter.
-    """
-
-    def __init__(self, lr: Tensor, wd: Tensor | None = None, ema_momentum: Tensor | None = None) -> None:
-        n = len(lr)
-        for what, t in (("wd", wd), ("ema_momentum", ema_momentum)):
-            if t is not None and len(t) != n:
-                raise ValueError(
-                    f"the {what} schedule has {len(t)} steps but the lr schedule {n}; build all "
-                    "schedules for the same total number of steps"
-                )
-        self.lr, self.wd, self.ema = lr, wd, ema_momentum
-
-    @classmethod
-    def cosine(
-        cls,
-        total_steps: int,
-        base_lr: float,
-        min_lr: float,
-        warmup_steps: int = 0,
-        start_warmup_lr: float = 0.0,
-        weight_decay: float = 0.0,
-        weight_decay_end: float | None = None,
-        ema_momentum: float | None = None,
-        ema_momentum_end: float = 1.0,
-    ) -> Schedules:
-        """The SSL recipe's schedules: warm-up + cosine LR, cosine weight decay and EMA momentum."""
-        lr = cosine_schedule(base_lr, min_lr, total_steps, warmup_steps, start_warmup_lr)
-        wd_end = weight_decay if weight_decay_end is None else weight_decay_end
-        wd = cosine_schedule(weight_decay, wd_end, total_steps)
-        ema = None if ema_momentum is None else cosine_schedule(ema_momentum, ema_momentum_end, total_steps)
-        return cls(lr, wd, ema)
-
-    def __len__(self) -> int:
-        return len(self.lr)
-
-    def _index(self, step: int) -> int:
-        if not 0 <= step < len(self.lr):
-            raise IndexError(
-                f"step {step} is outside the schedule of {len(self.lr)} steps; the schedules must be built "
-                "for the run's total steps (epochs x steps per epoch)"
-            )
-        return step
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        i = self._index(step)
-        for group in optimizer.param_groups:
-            group["lr"] = float(self.lr[i])
-            if self.wd is not None:
-                group["weight_decay"] = float(self.wd[i]) * group.get("wd_factor", 1.0)
-
-    def momentum(self, step: int) -> float:
-        if self.ema is None:
-            raise ValueError("this Schedules has no EMA momentum schedule (built with ema_momentum=None)")
-        return float(self.ema[self._index(step)])
-
-
 def clip_gradients(model: nn.Module, max_norm: float, per_parameter: bool = True) -> Tensor:
     """Clip gradients and return the total gradient norm before clipping (0 disables clipping).
 

@@ -34,7 +34,6 @@ build skips finished shards (resume / extend to more epochs) and splits shards o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -46,10 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from robkit.data.datasets import DataError, data_fingerprint
 from robkit.data.views import CropParams, ViewParams
-from robkit.engine.checkpoint import atomic_save, safe_load
 from robkit.engine.trainer import epoch_order
 from robkit.teachers.teacher import TeacherOutput
+from robkit.utils.errors import RecipeError, RobkitError
+from robkit.utils.files import atomic_save, atomic_write_json, safe_load, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ LOCAL_VIEW_KEYS = ("n_local", "local_size_px", "local_scale", "local_blur_p", "l
 PARAM_FIELDS = ("boxes", "flip", "jitter", "jitter_on", "jitter_order", "gray", "blur_sigma", "solarize")
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(RobkitError, ValueError):
     """A teacher-target cache does not belong to this teacher, recipe, data set or run."""
 
 
@@ -76,38 +77,14 @@ class CacheForm:
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
-            raise ValueError(f"cache form must be one of {', '.join(FORMS)}, got {self.form!r}")
+            raise RecipeError(f"cache form must be one of {', '.join(FORMS)}, got {self.form!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise RecipeError(f"cache dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.form == "topk" and self.k < 1:
-            raise ValueError(f"top-k needs k >= 1, got {self.k}")
+            raise RecipeError(f"top-k needs k >= 1, got {self.k}")
 
 
 # ------------------------------------------------------------------------------ identity
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def data_fingerprint(ds) -> dict[str, Any]:
-    """``{"name", "images", "sha256"}``: pixels of in-memory data sets; path, size and mtime of files."""
-    h = hashlib.sha256()
-    if hasattr(ds, "images") and isinstance(ds.images, torch.Tensor):
-        h.update(str(tuple(ds.images.shape)).encode())
-        h.update(ds.images.contiguous().numpy().tobytes())
-    elif hasattr(ds, "files"):
-        root = Path(getattr(ds, "root", "."))
-        for f in ds.files:
-            p = Path(f[0] if isinstance(f, tuple) else f)
-            st = p.stat()
-            h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        h.update(str(getattr(ds, "canvas_px", "")).encode())
-    else:
-        raise CacheMismatch(
-            f"cannot fingerprint a {type(ds).__name__} data set; use a folder or Fashion-MNIST"
-        )
-    return {"name": getattr(ds, "name", type(ds).__name__), "images": len(ds), "sha256": h.hexdigest()}
 
 
 def recipe_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +94,7 @@ def recipe_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_key(teacher_sha256: str, recipe_fp: dict, data_fp: dict, seed: int, batch_size: int) -> str:
-    return _sha(
+    return sha256_json(
         {
             "format": CACHE_FORMAT,
             "teacher": teacher_sha256,
@@ -127,15 +104,6 @@ def cache_key(teacher_sha256: str, recipe_fp: dict, data_fp: dict, seed: int, ba
             "batch_size": int(batch_size),
         }
     )
-
-
-def rob_config(family: str, student: str, recipe: str, overrides: dict | None, ds) -> dict[str, Any]:
-    """The run configuration ``robkit distill`` resolves for the same arguments."""
-    from robkit.engine.build import SMALL_IMAGE_PX, resolve_config
-
-    small = getattr(ds, "canvas_px", 256) <= SMALL_IMAGE_PX
-    name = f"rob-{family}" if recipe == "auto" else recipe
-    return resolve_config("rob", student, name, overrides or {}, small)
 
 
 # ------------------------------------------------------------------------------ views
@@ -217,20 +185,6 @@ def _shard_name(epoch: int, first_step: int) -> str:
     return f"e{epoch:06d}-s{first_step:06d}.pt"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def shard_done(root: Path, key: str, epoch: int, first_step: int) -> bool:
     """A finished shard: its side file names this key and the file's sha256 matches."""
     shard = root / _shard_name(epoch, first_step)
@@ -241,7 +195,7 @@ def shard_done(root: Path, key: str, epoch: int, first_step: int) -> bool:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError:
         return False
-    return meta.get("key") == key and meta.get("sha256") == _file_sha256(shard)
+    return meta.get("key") == key and meta.get("sha256") == sha256_file(shard)
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -256,8 +210,8 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 def save_shard(root: Path, key: str, epoch: int, first_step: int, shard: dict[str, Any]) -> None:
     path = atomic_save(shard, root / _shard_name(epoch, first_step))
-    _write_json(
-        path.with_suffix(".json"), {"key": key, "sha256": _file_sha256(path), "steps": shard["steps"]}
+    atomic_write_json(
+        path.with_suffix(".json"), {"key": key, "sha256": sha256_file(path), "steps": shard["steps"]}
     )
 
 
@@ -310,21 +264,27 @@ def build_cache(
     from tqdm import tqdm
 
     from robkit import teachers as zoo
-    from robkit.engine.build import _dataset, _teacher_resolution, build_views, teacher_head_family
+    from robkit.engine.build import (
+        _dataset,
+        _teacher_resolution,
+        build_views,
+        resolve_run_config,
+        teacher_head_family,
+    )
     from robkit.engine.hardware import autocast_dtype, resolve_precision
-    from robkit.engine.tasks import teacher_input
+    from robkit.engine.tasks.rob import teacher_input
     from robkit.engine.trainer import step_generator
     from robkit.models.students import STUDENTS
 
     tch = teacher_obj if teacher_obj is not None else zoo.load(teacher)
     family = teacher_head_family(tch)
     ds = _dataset(data, data_limit)
-    cfg = rob_config(family, student, recipe, overrides, ds)
+    cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
     form = form or CacheForm()
     if form.patches is None:
         form = dataclasses.replace(form, patches=family == "ibot" and STUDENTS[student].kind == "vit")
     if form.form == "topk" and cfg["loss"].get("sinkhorn_iterations", 0):
-        raise ValueError(
+        raise RecipeError(
             "top-k targets cannot feed Sinkhorn-Knopp (zero columns); cache the embedding "
             "(--form embedding) or use loss.sinkhorn_iterations=0"
         )
@@ -332,7 +292,9 @@ def build_cache(
     n_g, batch = views.n_global, int(cfg["train"]["batch_size"])
     steps = len(ds) // batch
     if steps == 0:
-        raise ValueError(f"the data set has {len(ds)} images, fewer than one batch of {batch}")
+        raise DataError(
+            f"the data set has {len(ds)} images, fewer than one batch of {batch}; lower --batch-size"
+        )
     res = _teacher_resolution(cfg.get("rob", {}).get("teacher_resolution", "native"), cfg["views"])
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(resolve_precision(cfg["train"].get("precision", "auto"), dev))
@@ -370,7 +332,7 @@ def build_cache(
         manifest["epochs"] = epochs
     rank, world = _dist_rank_world()
     if rank == 0:
-        _write_json(root / "manifest.json", manifest)
+        atomic_write_json(root / "manifest.json", manifest)
 
     units = [(e, s) for e in range(epochs) for s in range(0, steps, shard_steps)]
     mine = [u for i, u in enumerate(units) if i % world == rank]
@@ -407,7 +369,8 @@ def build_cache(
             g = step_generator(seed, epoch * steps + step)
             params = views.sample(hw, g, crops=range(n_g))  # the trainer draws globals first
             with torch.inference_mode():
-                x = teacher_input(views.render(imgs, params), views.mean, views.std, tch, res).to(dev)
+                # rendered on the teacher's device, as the trainer renders the replayed views
+                x = teacher_input(views.render(imgs.to(dev), params), views.mean, views.std, tch, res)
                 ctx = (
                     torch.autocast(dev.type, dtype=amp)
                     if amp is not None

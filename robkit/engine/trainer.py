@@ -25,21 +25,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from robkit.data.datasets import ImageTensorDataset
+from robkit.data.datasets import DataError, ImageTensorDataset
 from robkit.data.views import MultiCropViews
-from robkit.engine import distributed as dist_utils
 from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
-from robkit.engine.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.engine.hardware import autocast_dtype, resolve_precision
 from robkit.engine.optim import build_optimizer, param_groups
 from robkit.engine.runlog import RunLog
 from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
 from robkit.engine.tasks import Task
+from robkit.models.checkpoint import atomic_save, make_checkpoint, safe_load
+from robkit.utils import distributed as dist_utils
+from robkit.utils.errors import RecipeError, ResumeMismatch, RobkitError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RobkitError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -77,6 +78,28 @@ class CheckpointMeta:
     resolution: int
     teacher: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    # What a resumed run must share with the stored one besides the recipe and the engine settings:
+    # {"data": data-set fingerprint, "teacher_sha256": str, "target_cache": str} (see _identity)
+    identity: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] | None = None  # {"path", "sha256"} of the --init weights
+
+
+def _leaf_diff(stored: Any, now: Any, path: str = "") -> list[str]:
+    """``["optim.base_lr: 0.002 -> 0.004", ...]``: every leaf where two nested dicts differ."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(stored) | set(now), key=str):
+            here = f"{path}.{k}" if path else str(k)
+            if k not in stored:
+                out.append(f"{here}: (absent) -> {now[k]!r}")
+            elif k not in now:
+                out.append(f"{here}: {stored[k]!r} -> (absent)")
+            else:
+                out += _leaf_diff(stored[k], now[k], here)
+        return out
+    if isinstance(stored, (list, tuple)) and isinstance(now, (list, tuple)):
+        stored, now = list(stored), list(now)
+    return [] if stored == now else [f"{path}: {stored!r} -> {now!r}"]
 
 
 def _mix_seed(*parts: int) -> int:
@@ -153,7 +176,7 @@ class Trainer:
         meta: CheckpointMeta,
         target_source=None,
     ) -> None:
-        """``target_source``: cached teacher targets (``robkit.teachers.cache.CachedTargets``) that
+        """``target_source``: cached teacher targets (``robkit.engine.teacher_cache.CachedTargets``) that
         replace the global views' parameters and the teacher's outputs of every step."""
         self.task, self.views, self.dataset = task, views, dataset
         self.target_source = target_source
@@ -161,11 +184,11 @@ class Trainer:
         self.out_dir = Path(opts.out_dir)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         if opts.batch_size % self.world:
-            raise ValueError(f"batch size {opts.batch_size} is not divisible by the {self.world} processes")
+            raise RecipeError(f"batch size {opts.batch_size} is not divisible by the {self.world} processes")
         self.local_batch = opts.batch_size // self.world
         self.steps_per_epoch = len(dataset) // opts.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"the data set has {len(dataset)} images, fewer than one batch of {opts.batch_size}; "
                 "lower --batch-size or use more images"
             )
@@ -176,6 +199,55 @@ class Trainer:
         self.device = torch.device(dev)
         self.precision = resolve_precision(opts.precision, self.device, task.student)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self._resume_ckpt: dict[str, Any] | None = None
+
+    def _identity(self) -> dict[str, Any]:
+        """Everything a resumed run must share with the stored one to continue it bitwise."""
+        return {
+            "recipe": self.meta.config,
+            **self.meta.identity,
+            "student": self.meta.student,
+            "method": self.task.method,
+            "epochs": self.opts.epochs,
+            "batch_size": self.opts.batch_size,
+            "world_size": self.world,
+            "seed": self.opts.seed,
+            "precision": self.precision,
+            "init": self.meta.init,
+        }
+
+    def check_resume(self) -> dict[str, Any]:
+        """Load the run's checkpoint and refuse (:class:`ResumeMismatch`) if this run differs from it.
+
+        The message names every difference (recipe fields, data, teacher, batch, processes, epochs,
+        seed, precision). Returns the checkpoint, which :meth:`fit` then continues.
+        """
+        if not self.ckpt_path.exists():
+            raise ResumeMismatch(
+                f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume "
+                "(or pass the --out of the run to continue)"
+            )
+        ckpt = safe_load(self.ckpt_path, map_location="cpu")
+        st = ckpt.get("train_state")
+        if not st:
+            raise ResumeMismatch(f"--resume: {self.ckpt_path} holds no training state (a finished export?)")
+        stored = st.get("identity")
+        if stored is None:  # checkpoints from before identities were stored: what they did record
+            stored = {"batch_size": st["batch_size"], "world_size": st.get("world_size", 1)}
+            now = {k: self._identity()[k] for k in stored}
+        else:
+            now = self._identity()
+        diff = _leaf_diff(stored, now)
+        if diff:
+            raise ResumeMismatch(
+                f"cannot resume {self.ckpt_path}: this run differs from the stored one in "
+                f"{len(diff)} setting(s): "
+                + "; ".join(diff)
+                + ". Resume with the same command, or start a new "
+                "run from these weights with --init " + str(self.ckpt_path) + " --out NEW_FOLDER"
+            )
+        self._resume_ckpt = ckpt
+        return ckpt
 
     # ----------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -221,7 +293,7 @@ class Trainer:
         self.wd_sched = cosine_schedule(wd0, cfg.get("weight_decay_end", wd0), total)
         m0 = self.ema_cfg.get("momentum", 0.0)
         self.ema_sched = cosine_schedule(m0, self.ema_cfg.get("momentum_end", m0), total)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def _checkpoint(
         self,
@@ -255,6 +327,8 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "world_size": self.world,
             "batch_size": self.opts.batch_size,
+            "identity": self._identity(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         ckpt = make_checkpoint(
             kind=meta.kind,
@@ -268,6 +342,7 @@ class Trainer:
             config=meta.config,
             data=meta.data,
             metrics=metrics,
+            init=meta.init,
             seed=self.opts.seed,  # the initial weights: an untrained baseline rebuilds them
             progress={
                 "epoch": epoch,
@@ -293,15 +368,12 @@ class Trainer:
         )
 
     def _resume(self) -> tuple[int, int, int]:
-        ckpt = safe_load(self.ckpt_path, map_location="cpu")
+        ckpt = self._resume_ckpt if self._resume_ckpt is not None else self.check_resume()
         st = ckpt["train_state"]
-        if st["batch_size"] != self.opts.batch_size:
-            raise ValueError(
-                f"cannot resume: the checkpoint used batch size {st['batch_size']}, "
-                f"this run {self.opts.batch_size}; resume with the same settings"
-            )
         self.task.load_state_dict(st["task"])
         self.optimizer.load_state_dict(st["optimizer"])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
         torch.set_rng_state(st["rng"])
         log.info("resumed from %s at epoch %d step %d", self.ckpt_path, st["epoch"], st["step_in_epoch"])
         return st["epoch"], st["step_in_epoch"], st["global_step"]
@@ -338,6 +410,14 @@ class Trainer:
                 self.skipped.add(p)
             yield imgs, hw
 
+    def _close_loader(self) -> None:
+        """Stop the DataLoader's persistent workers (they would outlive a failed run otherwise)."""
+        loader = getattr(self, "_loader", None)
+        self._loader = None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     # ----------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
         self._build()
@@ -345,8 +425,6 @@ class Trainer:
         self.skipped: set[str] = set()
         epoch, step0, gstep = 0, 0, 0
         if resume:
-            if not self.ckpt_path.exists():
-                raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
             epoch, step0, gstep = self._resume()
             if step0 >= self.steps_per_epoch:
                 epoch, step0 = epoch + 1, 0
@@ -370,73 +448,83 @@ class Trainer:
             disable=not self.opts.progress or self.rank != 0,
             desc=f"{self.task.method} {self.meta.student['arch']}",
         )
-        t_start = time.time()
-        last_loss = float("nan")
-        stopped_early = False
-        metrics: dict[str, Any] = {}
-        self.task.train()
-        while epoch < self.opts.epochs and not stopped_early:
-            t_epoch, n_img = time.time(), 0
-            for step_in_epoch, (imgs, hw) in enumerate(self._epoch_batches(epoch, step0), start=step0):
-                if gstep >= limit or (
-                    self.opts.max_seconds and time.time() - t_start > self.opts.max_seconds
-                ):
-                    stopped_early = True
-                    break
-                t0 = time.time()
-                loss, parts = self._step(imgs, hw, epoch, gstep, amp)
-                gstep += 1
-                dt = time.time() - t0
-                n_img += imgs.shape[0] * self.world
-                last_loss = float(loss)
-                row = {
-                    "step": gstep,
-                    "epoch": epoch,
-                    "loss": last_loss,
-                    **{f"loss_{k.removeprefix('loss_')}": float(v) for k, v in parts.items() if "loss" in k},
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "wd": self.optimizer.param_groups[0]["weight_decay"],
-                    "img_per_s": imgs.shape[0] * self.world / max(dt, 1e-9),
-                }
-                if runlog is not None:
-                    runlog.add(row)
-                bar.update(imgs.shape[0] * self.world)
-                bar.set_postfix(ep=epoch, loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
-                if self.opts.checkpoint_every_steps and gstep % self.opts.checkpoint_every_steps == 0:
-                    self._checkpoint(epoch, step_in_epoch + 1, gstep, metrics)
-            else:
-                step0 = 0
-                metrics = {
-                    "epoch": epoch + 1,
-                    "loss": last_loss,
-                    "img_per_s": n_img / max(time.time() - t_epoch, 1e-9),
-                }
-                self._checkpoint(epoch + 1, 0, gstep, metrics)
-                if runlog is not None:
-                    runlog.plot(title=f"{self.task.method} · {self.meta.student['arch']}")
-                epoch += 1
-                continue
-            # stopped early inside an epoch: keep an exact resume point
-            self._checkpoint(epoch, step_in_epoch, gstep, metrics)
-        bar.close()
-        if self.skipped:
-            log.warning(
-                "skipped %d unreadable image(s); first: %s", len(self.skipped), sorted(self.skipped)[0]
+        try:
+            t_start = time.time()
+            last_loss = float("nan")
+            stopped_early = False
+            metrics: dict[str, Any] = {}
+            self.task.train()
+            while epoch < self.opts.epochs and not stopped_early:
+                t_epoch, n_img = time.time(), 0
+                for step_in_epoch, (imgs, hw) in enumerate(self._epoch_batches(epoch, step0), start=step0):
+                    if gstep >= limit or (
+                        self.opts.max_seconds and time.time() - t_start > self.opts.max_seconds
+                    ):
+                        stopped_early = True
+                        break
+                    t0 = time.time()
+                    loss, parts = self._step(imgs, hw, epoch, gstep, amp)
+                    gstep += 1
+                    dt = time.time() - t0
+                    n_img += imgs.shape[0] * self.world
+                    last_loss = float(loss)
+                    row = {
+                        "step": gstep,
+                        "epoch": epoch,
+                        "loss": last_loss,
+                        **{
+                            f"loss_{k.removeprefix('loss_')}": float(v)
+                            for k, v in parts.items()
+                            if "loss" in k
+                        },
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "wd": self.optimizer.param_groups[0]["weight_decay"],
+                        "img_per_s": imgs.shape[0] * self.world / max(dt, 1e-9),
+                    }
+                    if runlog is not None:
+                        runlog.add(row)
+                    bar.update(imgs.shape[0] * self.world)
+                    bar.set_postfix(ep=epoch, loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
+                    if self.opts.checkpoint_every_steps and gstep % self.opts.checkpoint_every_steps == 0:
+                        self._checkpoint(epoch, step_in_epoch + 1, gstep, metrics)
+                else:
+                    step0 = 0
+                    metrics = {
+                        "epoch": epoch + 1,
+                        "loss": last_loss,
+                        "img_per_s": n_img / max(time.time() - t_epoch, 1e-9),
+                    }
+                    self._checkpoint(epoch + 1, 0, gstep, metrics)
+                    if runlog is not None:
+                        runlog.plot(title=f"{self.task.method} · {self.meta.student['arch']}")
+                    epoch += 1
+                    continue
+                # stopped early inside an epoch: keep an exact resume point
+                self._checkpoint(epoch, step_in_epoch, gstep, metrics)
+            if self.skipped:
+                log.warning(
+                    "skipped %d unreadable image(s); first: %s", len(self.skipped), sorted(self.skipped)[0]
+                )
+            elapsed = time.time() - t_start
+            finished = epoch >= self.opts.epochs
+            metrics = {
+                **metrics,
+                "loss": last_loss,
+                "global_step": gstep,
+                "seconds": round(elapsed, 1),
+                "skipped_images": len(self.skipped),
+                "finished": finished,
+            }
+            self._checkpoint(
+                epoch, 0 if finished else step_in_epoch, gstep, metrics, final=finished, at_end=True
             )
-        elapsed = time.time() - t_start
-        finished = epoch >= self.opts.epochs
-        metrics = {
-            **metrics,
-            "loss": last_loss,
-            "global_step": gstep,
-            "seconds": round(elapsed, 1),
-            "skipped_images": len(self.skipped),
-            "finished": finished,
-        }
-        self._checkpoint(epoch, 0 if finished else step_in_epoch, gstep, metrics, final=finished, at_end=True)
-        if runlog is not None:
-            runlog.plot(title=f"{self.task.method} · {self.meta.student['arch']}")
-            runlog.close()
+            if runlog is not None:
+                runlog.plot(title=f"{self.task.method} · {self.meta.student['arch']}")
+        finally:  # a diverged or interrupted run still closes its bar, logs and workers
+            bar.close()
+            if runlog is not None:
+                runlog.close()
+            self._close_loader()
         return metrics
 
     def _step(self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp):
@@ -454,8 +542,9 @@ class Trainer:
                 self.target_source.replay_views(epoch, step_in_epoch, params)
             if self.world > 1:
                 params.crops = [cp.index(rows) for cp in params.crops]
-            views = self.views.render(imgs, params)
-        views = [v.to(self.device, non_blocking=True) for v in views]
+            # Parameters are drawn on the host (the same draws on every device); the views are
+            # rendered where the model runs, from the uint8 batch (4x less to copy than floats).
+            views = self.views.render(imgs.to(self.device, non_blocking=True), params)
         for pg in self.optimizer.param_groups:
             pg["lr"] = float(self.lr_sched[gstep])
             pg["weight_decay"] = float(self.wd_sched[gstep]) * pg.get("wd_factor", 1.0)

@@ -17,11 +17,12 @@ from torch import nn
 
 from robkit.data.datasets import DataError, ImageFolder, open_dataset
 from robkit.engine.bn import has_batchnorm, precise_bn_from_dataset
-from robkit.engine.checkpoint import CheckpointError, load_student
 from robkit.evaluation.features import dataset_labels, extract_features, raw_pixel_features
 from robkit.evaluation.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
 from robkit.evaluation.linear import save_probe, train_linear_probe
 from robkit.evaluation.lowshot import DEFAULT_SHOTS, lowshot_eval
+from robkit.models.checkpoint import CheckpointError, load_student
+from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 
 EVALUATIONS = ("knn", "linear", "lowshot")
 PIXELS = "pixels"
@@ -71,10 +72,14 @@ def open_eval_splits(
     return train, test
 
 
+class NoLabelsError(DataError):
+    """The data set has no class labels (a flat folder), so it cannot be evaluated."""
+
+
 def _require_labels(ds, what: str) -> torch.Tensor:
     labels = dataset_labels(ds)
     if labels.numel() == 0 or bool((labels < 0).any()):
-        raise DataError(
+        raise NoLabelsError(
             f"the {what} images of {getattr(ds, 'name', ds)} have no labels (a flat folder?); kNN, linear and "
             "low-shot evaluation need one sub-folder per class, e.g. ROOT/train/cat/*.jpg."
         )
@@ -92,7 +97,6 @@ def untrained_student(arch: str, kwargs: dict[str, Any] | None = None, seed: int
 
 def _resolve_untrained(spec, resolution, mean, std, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """``untrained:ARCH`` or a checkpoint whose architecture, size and normalisation are kept."""
-    from robkit.data.views import IMAGENET_MEAN, IMAGENET_STD
 
     if isinstance(spec, str) and spec.startswith(UNTRAINED):
         arch, kwargs, meta = spec[len(UNTRAINED) :], {}, {}
@@ -178,8 +182,8 @@ def _resolve_model(model_or_ckpt, resolution, mean, std, device) -> tuple[nn.Mod
     info = {
         "checkpoint": "" if isinstance(model_or_ckpt, dict) else str(model_or_ckpt),
         "resolution": int(resolution if resolution is not None else meta.get("resolution") or 224),
-        "mean": list(mean if mean is not None else norm.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(std if std is not None else norm.get("std", (0.229, 0.224, 0.225))),
+        "mean": list(mean if mean is not None else norm.get("mean", IMAGENET_MEAN)),
+        "std": list(std if std is not None else norm.get("std", IMAGENET_STD)),
         "arch": meta.get("student", {}).get("arch"),
         "method": meta.get("method"),
     }

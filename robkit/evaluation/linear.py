@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robkit import __version__
-from robkit.engine.checkpoint import CheckpointError, atomic_save, safe_load
+from robkit.models.checkpoint import CheckpointError, atomic_save, safe_load
 
 PROBE_FORMAT = 1
 PROBE_KIND = "linear-probe"

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from robkit.utils.errors import RobkitError
 
-class ExecuTorchMissing(RuntimeError):
+
+class ExecuTorchMissing(RobkitError, RuntimeError):
     pass
 
 

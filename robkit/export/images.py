@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from robkit.data.datasets import open_dataset
+from robkit.engine.bn import recompute_bn_stats_
 
 
 def load_images(
@@ -30,18 +31,12 @@ def load_images(
     return x.round().clamp(0, 255).to(torch.uint8), torch.as_tensor(labels, dtype=torch.long)
 
 
-@torch.no_grad()
 def reestimate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> torch.nn.Module:
-    """Re-estimate BatchNorm running statistics on ``x`` (cumulative average, ``momentum=None``).
+    """Re-estimate BatchNorm running statistics on ``x`` (model inputs) and return ``model`` in eval mode.
 
     Makes an untrained student compute non-degenerate features on real images, so that
-    quantisation damage is measurable on it (used by the tests and the export benchmark).
+    quantisation damage is measurable on it (used by the tests and the export benchmark).  The
+    statistics are :func:`robkit.engine.bn.recompute_bn_stats_`'s exact average, as training's.
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for i in range(0, len(x), batch):
-        model(x[i : i + batch])
+    recompute_bn_stats_(model, (x[i : i + batch] for i in range(0, len(x), batch)))
     return model.eval()

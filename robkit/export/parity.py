@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robkit.utils.errors import RobkitError
 
-class ParityError(RuntimeError):
+
+class ParityError(RobkitError, RuntimeError):
     """The exported file does not match PyTorch within the target's thresholds."""
 
     def __init__(self, message: str, report: ParityReport | None = None) -> None:

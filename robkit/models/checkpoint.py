@@ -1,4 +1,5 @@
-"""robkit checkpoints: atomic writes, code-free loading, and the student they describe.
+"""robkit checkpoints: the student they describe (written atomically and read without running code,
+by :mod:`robkit.utils.files`).
 
 A robkit checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it
 loads with ``torch.load(weights_only=True)``:
@@ -17,69 +18,23 @@ loads with ``torch.load(weights_only=True)``:
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from robkit import __version__
+from robkit.utils.files import CheckpointError, atomic_save, safe_load
+
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "safe_load",
+    "is_robkit_checkpoint",
+    "make_checkpoint",
+    "build_head",
+    "load_student",
+]
 
 FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not describe what was asked."""
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the new one.
-
-    Temp file in the same folder, flush + fsync, then ``os.replace`` (atomic on POSIX).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-# Harmless classes that official checkpoints pickle (DINO/iBOT store their argparse.Namespace).
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
-
-
-def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint without executing code from it (``weights_only=True`` + an allow-list)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused to load {path}: it contains Python objects that could run code when unpickled "
-            f"({str(e).splitlines()[0]}). robkit only loads tensors, numbers, strings and containers. "
-            "If you trust the file, re-save its state_dict with plain tensors."
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"could not read checkpoint {path}: {e}. Is the file complete?") from e
 
 
 def is_robkit_checkpoint(obj: Any) -> bool:
@@ -92,17 +47,14 @@ def make_checkpoint(**fields: Any) -> dict[str, Any]:
 
 
 def build_head(spec: dict[str, Any] | None):
-    """Rebuild a head from its ``{"type", "kwargs", "state_dict"}`` record."""
-    if not spec:
-        return None
+    """Rebuild a head from its ``{"type", "kwargs", "state_dict"}`` record
+    (:func:`robkit.models.heads.head_from_record`); ``None`` for an empty record."""
     from robkit.models import heads
 
-    cls = getattr(heads, spec["type"], None)
-    if cls is None:
-        raise CheckpointError(f"unknown head type {spec['type']!r} in checkpoint")
-    head = cls(**spec["kwargs"])
-    head.load_state_dict(spec["state_dict"])
-    return head
+    try:
+        return heads.head_from_record(spec)
+    except heads.UnknownHeadError as e:
+        raise CheckpointError(f"{e} (the checkpoint's head record)") from e
 
 
 def load_student(path_or_obj: str | os.PathLike | dict[str, Any], with_head: bool = False):

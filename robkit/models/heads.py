@@ -7,13 +7,23 @@ Key names follow the released checkpoints so that a teacher's head loads with
   ``last_layer.weight_g`` ``[K, 1]`` / ``last_layer.weight_v`` ``[K, bottleneck]``.
 * SwAV: ``projection_head.{0,1,3}`` and ``prototypes.weight`` ``[K, 128]``.
 * MSN: ``fc.{fc1,bn1,fc2,bn2,fc3}`` and a ``prototypes`` matrix ``[K, 256]``.
+
+Every head is built by name through :func:`build_head` (recipes, teacher declarations, checkpoint
+records): ``head_from_record`` rebuilds the ``{"type", "kwargs", "state_dict"}`` record a robkit
+checkpoint stores.
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from robkit.utils.errors import RobkitError
+from robkit.utils.suggest import did_you_mean
 
 
 class WeightNormLinear(nn.Module):
@@ -257,3 +267,58 @@ class MSNHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.fc(x), dim=-1)
         return z @ F.normalize(self.prototypes, dim=-1).t()
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (DINOHead, iBOTHead, SwAVHead, MLPHead, MSNHead)
+}
+
+
+class UnknownHeadError(RobkitError, ValueError):
+    """A head type that is not one of :data:`HEADS`."""
+
+
+def head_class(type_name: str) -> type[nn.Module]:
+    """The head class called ``type_name`` (``"DINOHead"``, ...); :class:`UnknownHeadError` otherwise."""
+    if type_name not in HEADS:
+        raise UnknownHeadError(
+            f"unknown head type {type_name!r}; expected one of {sorted(HEADS)}."
+            + did_you_mean(str(type_name), HEADS)
+        )
+    return HEADS[type_name]
+
+
+def head_keywords(type_name: str) -> set[str]:
+    """The keyword arguments the head ``type_name`` accepts, its base classes' included where it
+    forwards ``**kwargs`` (``iBOTHead`` takes every ``DINOHead`` keyword)."""
+    names: set[str] = set()
+    for klass in head_class(type_name).__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def build_head(type_name: str, /, *, ignore_unknown: bool = False, **kwargs: Any) -> nn.Module:
+    """The head ``type_name`` built with ``kwargs``, the one head builder of robkit.
+
+    ``ignore_unknown=True`` drops keywords the head does not take (a teacher declaration's
+    descriptions, ``in_dim`` for an ``MLPHead``); otherwise they raise ``TypeError`` as a direct call.
+    """
+    cls = head_class(type_name)
+    if ignore_unknown:
+        accepted = head_keywords(type_name)
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return cls(**kwargs)
+
+
+def head_from_record(record: dict[str, Any] | None) -> nn.Module | None:
+    """Rebuild a head from a checkpoint's ``{"type", "kwargs", "state_dict"}`` record (``None`` if empty)."""
+    if not record:
+        return None
+    head = build_head(record["type"], **record["kwargs"])
+    head.load_state_dict(record["state_dict"])
+    return head

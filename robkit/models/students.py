@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from robkit.catalog import CatalogError
+from robkit.utils.suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,7 @@ class Student(nn.Module):
     def __init__(self, arch: str, **kwargs) -> None:
         super().__init__()
         if arch not in STUDENTS:
-            import difflib
-
-            close = difflib.get_close_matches(arch, list(STUDENTS), n=3, cutoff=0.4)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            hint = did_you_mean(arch, STUDENTS, cutoff=0.4)
             raise CatalogError(f"unknown student {arch!r}.{hint} Known students: {', '.join(STUDENTS)}.")
         spec = STUDENTS[arch]
         self.arch = arch

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robkit.engine import distributed as dist_utils
 from robkit.objectives.multicrop import (
     batch_size_of,
     check_rows,
@@ -30,6 +29,7 @@ from robkit.objectives.multicrop import (
     compute_dtype,
     cross_view_pairs,
 )
+from robkit.utils import distributed as dist_utils
 
 
 def teacher_temperature(

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robkit.engine import distributed as dist_utils
 from robkit.objectives.multicrop import batch_size_of, check_rows, combine_terms, compute_dtype
+from robkit.utils import distributed as dist_utils
 
 
 class MoCoV2Loss(nn.Module):

@@ -17,7 +17,6 @@ Every ``forward`` returns ``(loss, parts)`` with ``parts`` a ``dict[str, float]`
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Literal
 
@@ -25,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robkit.engine import distributed as dist_utils
+from robkit.objectives.multicrop import compute_dtype
+from robkit.objectives.sinkhorn import vissl_sinkhorn_knopp
+from robkit.utils.suggest import close_matches
 
 Pair = tuple[int, int]
 
@@ -48,12 +49,6 @@ def pair_mask(n_teacher: int, n_student: int, cross_view: bool = False) -> list[
     if cross_view:
         return [(t, s) for t in range(n_teacher) for s in range(n_student) if s != t]
     return [(t, s) for t in range(n_teacher) for s in range(n_student) if s == t or s >= n_teacher]
-
-
-def _compute_dtype(x: Tensor) -> Tensor:
-    # Half-precision logits (AMP) are upcast: log-softmax over 65 536 prototypes in fp16 loses
-    # the small probabilities that carry the distillation signal.
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _crop_layout(
@@ -110,7 +105,7 @@ class _PairedCrossEntropy(nn.Module):
         self, student_logits: Tensor, targets: Tensor, batch: int, n_student: int
     ) -> list[Tensor]:
         """Per-pair terms (CE summed over K, mean over B), in ``pair_mask`` order."""
-        log_probs = F.log_softmax(_compute_dtype(student_logits) / self.student_temp, dim=-1)
+        log_probs = F.log_softmax(compute_dtype(student_logits) / self.student_temp, dim=-1)
         terms = []
         for t, s in pair_mask(self.n_teacher_crops, n_student, self.cross_view):
             target = targets[t * batch : (t + 1) * batch]
@@ -165,7 +160,7 @@ class RoBDINOLoss(_PairedCrossEntropy):
             "RoBDINOLoss",
         )
         with torch.no_grad():
-            targets = F.softmax(_compute_dtype(teacher_logits.detach()) / self.teacher_temp, dim=-1)
+            targets = F.softmax(compute_dtype(teacher_logits.detach()) / self.teacher_temp, dim=-1)
         loss = self._reduce(self._pair_terms(student_logits, targets, batch, n_student), n_student)
         return loss, {"ce": float(loss.detach()), "target_entropy": _entropy(targets)}
 
@@ -216,7 +211,7 @@ class RoBMSNLoss(RoBDINOLoss):
             self.n_student_crops,
             "RoBMSNLoss",
         )
-        targets = _compute_dtype(teacher_probs.detach())
+        targets = compute_dtype(teacher_probs.detach())
         loss = self._reduce(self._pair_terms(student_logits, targets, batch, n_student), n_student)
         return loss, {"ce": float(loss.detach()), "target_entropy": _entropy(targets)}
 
@@ -310,8 +305,8 @@ class RoBiBOTLoss(_PairedCrossEntropy):
                 f"got {tuple(masks.shape)}"
             )
         with torch.no_grad():
-            targets = F.softmax(_compute_dtype(teacher_patch.detach()) / self.teacher_patch_temp, dim=-1)
-        log_probs = F.log_softmax(_compute_dtype(student_patch) / self.student_temp, dim=-1)
+            targets = F.softmax(compute_dtype(teacher_patch.detach()) / self.teacher_patch_temp, dim=-1)
+        log_probs = F.log_softmax(compute_dtype(student_patch) / self.student_temp, dim=-1)
         # [T*B, P] per-patch CE; the student patch rows are the global crops only, so the same-view
         # pairing s == t is a row-by-row product.
         ce = _cross_entropy(targets.to(log_probs.dtype), log_probs)
@@ -324,40 +319,6 @@ class RoBiBOTLoss(_PairedCrossEntropy):
         return per_image.reshape(self.n_teacher_crops, -1).mean(dim=1).mean()
 
 
-def _all_reduce_max_(x: Tensor) -> Tensor:
-    """In-place maximum over processes (VISSL all-reduces the max before ``exp``); a no-op alone."""
-    if dist_utils.is_dist() and dist_utils.world_size() > 1:
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
-    return x
-
-
-def sinkhorn_knopp(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
-    """Equipartitioned soft assignments ``[B, K]`` from scores ``[B, K]``, as VISSL's SwAV code.
-
-    ``exp(scores / epsilon - global max)`` transposed to ``[K, B]``, divided by its total mass,
-    then ``iterations`` rounds of rows -> ``1/K`` and columns -> ``1/(world * B)``; finally every
-    sample's column is renormalised to sum 1.  The max, the mass and the row sums are all-reduced
-    when ``torch.distributed`` is initialised, so targets depend on the global batch.  Computed in
-    float32 (float64 when given float64).  If a prototype row sums to zero, ``1e-12`` is added to
-    every entry first, as VISSL does.
-    """
-    with torch.no_grad():
-        q = _compute_dtype(scores.detach()) / epsilon
-        q_max = _all_reduce_max_(q.max().clone())
-        q = torch.exp(q - q_max).t().contiguous()
-        q /= dist_utils.all_reduce_sum(q.sum())
-        n_prototypes, batch = q.shape
-        world = dist_utils.world_size()
-        for _ in range(iterations):
-            rows = dist_utils.all_reduce_sum(q.sum(dim=1))
-            if bool((rows == 0).any()):
-                q += 1e-12
-                rows = dist_utils.all_reduce_sum(q.sum(dim=1))
-            q *= (1.0 / n_prototypes / rows).unsqueeze(1)
-            q *= (1.0 / (world * batch) / q.sum(dim=0)).unsqueeze(0)
-        return (q / q.sum(dim=0, keepdim=True)).t()
-
-
 class RoBSwAVLoss(_PairedCrossEntropy):
     """RoB-SwAV (paper sec. 3 and B.3; VISSL ``swav_distillation_loss``).
 
@@ -368,7 +329,7 @@ class RoBSwAVLoss(_PairedCrossEntropy):
 
     Teacher target per teacher crop: ``sinkhorn_iterations == 0`` -> ``softmax(scores /
     epsilon)`` (the paper: Sinkhorn disabled, epsilon 0.03 acts as a temperature); ``> 0`` ->
-    :func:`sinkhorn_knopp`.  Student: ``log_softmax(scores / student_temp)``.  ``pair_mask``
+    :func:`robkit.objectives.sinkhorn.vissl_sinkhorn_knopp`.  Student: ``log_softmax(scores / student_temp)``.  ``pair_mask``
     pairs; for each teacher crop the mean over its student crops, then the mean over teacher crops.
 
     Differences from the paper: the checked-in recipe uses 3 Sinkhorn iterations and T=1 (only
@@ -399,10 +360,12 @@ class RoBSwAVLoss(_PairedCrossEntropy):
     def targets(self, teacher_scores: Tensor, batch: int) -> Tensor:
         """Soft assignments ``[T*B, K]``, computed separately for each teacher crop."""
         with torch.no_grad():
-            chunks = _compute_dtype(teacher_scores.detach()).split(batch)
+            chunks = compute_dtype(teacher_scores.detach()).split(batch)
             if self.sinkhorn_iterations == 0:
                 return torch.cat([F.softmax(c / self.epsilon, dim=-1) for c in chunks])
-            return torch.cat([sinkhorn_knopp(c, self.epsilon, self.sinkhorn_iterations) for c in chunks])
+            return torch.cat(
+                [vissl_sinkhorn_knopp(c, self.epsilon, self.sinkhorn_iterations) for c in chunks]
+            )
 
     def forward(self, student_scores: Tensor, teacher_scores: Tensor) -> tuple[Tensor, dict[str, float]]:
         batch, n_student = _crop_layout(
@@ -433,7 +396,8 @@ def build_rob_loss(family: str, **kwargs: Any) -> nn.Module:
     """The RoB loss for a teacher ``family`` (dino | ibot | msn | swav) with keyword options."""
     key = family.lower()
     if key not in _FAMILIES:
-        close = difflib.get_close_matches(key, list(_FAMILIES), n=1)
+        # close_matches, not did_you_mean: this message's hint reads "; did you mean 'x'?" mid-sentence.
+        close = close_matches(key, _FAMILIES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown RoB family {family!r}, expected one of {sorted(_FAMILIES)}{hint}")
     cls = _FAMILIES[key]

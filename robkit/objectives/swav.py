@@ -4,7 +4,8 @@ Assignments") with SSLight's loss re-balancing (Tan et al. 2023, eq. 3).
 What this module matches (reference: official ``main_swav.py`` and SSLight's SwAV loss):
 
 * codes ``q`` for each assignment crop (``crops_for_assign``, default the two globals) from the
-  *detached* prototype scores with Sinkhorn-Knopp (:func:`sinkhorn_knopp`, eps 0.05, 3 iterations);
+  *detached* prototype scores with Sinkhorn-Knopp (:func:`robkit.objectives.sinkhorn.sinkhorn_knopp`,
+  eps 0.05, 3 iterations, no max-shift);
 * swapped prediction: every other crop ``v`` predicts that code with ``softmax(scores_v / 0.1)``;
 * weighting: uniform mean over the (assignment crop, other crop) terms -- the official SwAV
   ``/ (crops - 1) / len(crops_for_assign)`` -- or SSLight's eq. 3;
@@ -26,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robkit.engine import distributed as dist_utils
 from robkit.objectives.multicrop import (
     batch_size_of,
     check_rows,
@@ -34,33 +34,7 @@ from robkit.objectives.multicrop import (
     compute_dtype,
     cross_view_pairs,
 )
-
-
-@torch.no_grad()
-def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
-    """Equipartitioned soft codes ``[B, K]`` from prototype scores ``[B, K]`` (SwAV sec. 3.1).
-
-    As the official code: ``Q = exp(scores / eps)`` with **no** max-shift (scores are cosine
-    similarities, |s| <= 1, so exp(20) is safe), the whole matrix normalised to sum 1, then per
-    iteration every prototype's mass set to ``1/K`` and every sample's to ``1/B_global``; the
-    prototype sums and the total are all-reduced when distributed, so ``B_global`` counts the
-    samples of all processes.  The result is multiplied by ``B_global`` so each sample's code
-    sums to 1.  ``iterations=0`` leaves ``softmax(scores / eps)`` up to that scale.
-    """
-    q = torch.exp(compute_dtype(scores) / epsilon).t()  # [K, B]
-    n_samples = q.shape[1] * dist_utils.world_size()
-    n_protos = q.shape[0]
-    total = dist_utils.all_reduce_sum(torch.sum(q).reshape(1))
-    q = q / total
-    for _ in range(iterations):
-        rows = dist_utils.all_reduce_sum(torch.sum(q, dim=1, keepdim=True))
-        q = q / rows / n_protos
-        q = q / torch.sum(q, dim=0, keepdim=True) / n_samples
-    if iterations == 0:
-        # With no iterations the official code's codes sum to 1 only on average over samples;
-        # normalise each sample once so its code is softmax(scores / eps), VISSL's ``num_iters 0``.
-        q = q / torch.sum(q, dim=0, keepdim=True) / n_samples
-    return (q * n_samples).t()
+from robkit.objectives.sinkhorn import sinkhorn_knopp
 
 
 class SwAVLoss(nn.Module):

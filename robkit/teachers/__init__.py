@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from robkit.teachers.teacher import Teacher, TeacherLoadError, TeacherOutput
+from robkit.utils.errors import RobkitError
 
 __all__ = ["Teacher", "TeacherOutput", "TeacherLoadError", "load", "catalog", "resolve_file"]
+
+
+class TeacherFileMissing(RobkitError, FileNotFoundError):
+    """``--teacher`` names a path that is not a file."""
 
 
 def catalog():
@@ -39,8 +44,11 @@ def resolve_file(name_or_path: str | os.PathLike, download: bool = True, progres
         return p, None
     if isinstance(name_or_path, Path) or _looks_like_path(s):
         if p.exists():
-            raise FileNotFoundError(f"{p} is a folder; give the checkpoint file inside it")
-        raise FileNotFoundError(f"teacher file {p} does not exist (and {s!r} is not a catalog name)")
+            raise TeacherFileMissing(f"{p} is a folder; give the checkpoint file inside it")
+        raise TeacherFileMissing(
+            f"teacher file {p} does not exist (and {s!r} is not a catalog name); check the path, or see "
+            "`robkit teachers list` for names"
+        )
     record = catalog().get(s)  # CatalogError with close names on a typo
     return dl.resolve(record, download=download, progress=progress), record
 
@@ -62,7 +70,7 @@ def load(
     hyper-parameters that the weights cannot show (e.g. ``{"num_heads": 3}`` for a ViT whose
     width is not a multiple of 64); everything else is inferred from tensor shapes.
     """
-    from robkit.engine.checkpoint import safe_load
+    from robkit.models.checkpoint import safe_load
     from robkit.teachers import download as dl
     from robkit.teachers.layouts import detect_family, parse_checkpoint
     from robkit.teachers.teacher import teacher_from_robkit, teacher_from_spec

@@ -14,22 +14,23 @@ with none in the catalog, the hash of the first download is recorded in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from robkit import __version__
+from robkit.utils.errors import RobkitError
+from robkit.utils.files import atomic_write_json, child_path
+from robkit.utils.files import sha256_file as _sha256_file
 
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RobkitError, RuntimeError):
     """A teacher file could not be fetched or failed verification."""
 
 
@@ -71,11 +72,7 @@ def _read_db() -> dict[str, Any]:
 def _write_db(db: dict[str, Any]) -> None:
     path = _hash_db_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".sha256.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(db, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_json(path, db, indent=1, sort_keys=True)
     except OSError:  # a read-only cache still works, it just re-hashes
         pass
 
@@ -89,11 +86,7 @@ def sha256_file(path: str | os.PathLike, memo: bool = True) -> str:
     hit = db.get("memo", {}).get(key)
     if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
         return str(hit[2])
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = _sha256_file(path)
     if memo and teachers_dir().exists():
         db = _read_db()
         db.setdefault("memo", {})[key] = [st.st_size, st.st_mtime_ns, digest]
@@ -191,12 +184,16 @@ def download_url(
 
 def cached_file(record: Any) -> Path | None:
     """The teacher's file if it is already on disk (robkit cache, then torch.hub cache)."""
-    own = teachers_dir() / record["file_name"]
+    own = child_path(
+        teachers_dir(), record["file_name"], f"teacher {getattr(record, 'name', '?')!r} file_name"
+    )
     if own.is_file():
         return own
     hub_name = record.get("hub_file_name")
     if hub_name:
-        hub = hub_checkpoints_dir() / hub_name
+        hub = child_path(
+            hub_checkpoints_dir(), hub_name, f"teacher {getattr(record, 'name', '?')!r} hub_file_name"
+        )
         if hub.is_file():
             return hub
     return None
@@ -229,7 +226,9 @@ def resolve(record: Any, download: bool = True, progress: bool = True) -> Path:
         return found
     if not download or offline():
         raise _offline_error(record, "downloads disabled" if not download else "ROBKIT_OFFLINE is set")
-    dest = teachers_dir() / record["file_name"]
+    dest = child_path(
+        teachers_dir(), record["file_name"], f"teacher {getattr(record, 'name', '?')!r} file_name"
+    )
     expected, _ = expected_sha256(record)
     try:
         digest = download_url(record["url"], dest, expected, progress=progress)

@@ -25,13 +25,15 @@ from typing import Any
 
 import torch
 
+from robkit.utils.errors import RobkitError
+
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
 FAMILIES = ("dino", "ibot", "msn", "swav", "robkit")
 
 
-class LayoutError(ValueError):
+class LayoutError(RobkitError, ValueError):
     """A file is not one of the layouts robkit can read as a teacher."""
 
 
@@ -360,7 +362,7 @@ def _from_swav(sd: StateDict, wrapped: bool) -> TeacherSpec:
 
 def detect_family(obj: Any) -> str:
     """``'dino' | 'ibot' | 'msn' | 'swav' | 'robkit'`` from the contents of a loaded checkpoint."""
-    from robkit.engine.checkpoint import is_robkit_checkpoint
+    from robkit.models.checkpoint import is_robkit_checkpoint
 
     if is_robkit_checkpoint(obj):
         return "robkit"
@@ -408,7 +410,7 @@ def parse_checkpoint(obj: Any, checkpoint_key: str | None = None) -> TeacherSpec
     """Detect the layout of an official checkpoint and return its :class:`TeacherSpec`."""
     family = detect_family(obj)
     if family == "robkit":
-        raise LayoutError("robkit checkpoints are read by robkit.engine.checkpoint.load_student")
+        raise LayoutError("robkit checkpoints are read by robkit.models.checkpoint.load_student")
     if family in ("dino", "ibot"):
         entry = obj if "teacher" in obj else {"teacher": obj.get("state_dict", obj)}
         return _from_multicrop(entry, family, checkpoint_key or "teacher", _namespace_dict(obj.get("args")))

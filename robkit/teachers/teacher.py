@@ -17,7 +17,6 @@ outputs: ``forward(x) == head_forward(embed(x))``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,9 +28,8 @@ from torch import nn
 from robkit.models import heads as heads_mod
 from robkit.teachers.layouts import StateDict, TeacherSpec, backbone_dim
 from robkit.teachers.resnet_wide import WideResNet
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
+from robkit.utils.errors import RobkitError
 
 # Per-family defaults for files loaded by path (catalog records override them).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -48,7 +46,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(RobkitError, RuntimeError):
     """A checkpoint's tensors do not fit the architecture built for it."""
 
 
@@ -143,14 +141,13 @@ def build_backbone(arch: dict[str, Any]) -> nn.Module:
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:
-    """A head from ``robkit.models.heads`` by class name; unknown keys (descriptions) are ignored."""
-    cls = getattr(heads_mod, str(spec.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TeacherLoadError(f"unknown head type {spec.get('type')!r}")
-    params = set(inspect.signature(cls.__init__).parameters)
-    if cls is heads_mod.iBOTHead:
-        params |= set(inspect.signature(heads_mod.DINOHead.__init__).parameters)
-    return cls(**{k: v for k, v in spec.items() if k in params and k != "self" and v is not None})
+    """The declared head (``{"type": "DINOHead", **kwargs}``) through :func:`robkit.models.heads.build_head`;
+    unknown keys (descriptions) and undeclared (``None``) values are ignored."""
+    kwargs = {k: v for k, v in spec.items() if k != "type" and v is not None}
+    try:
+        return heads_mod.build_head(spec.get("type"), ignore_unknown=True, **kwargs)
+    except heads_mod.UnknownHeadError as e:
+        raise TeacherLoadError(str(e)) from e
 
 
 def adapt_backbone_state(model: nn.Module, sd: StateDict) -> StateDict:
@@ -352,7 +349,7 @@ def teacher_from_robkit(
     ckpt: dict[str, Any], *, name: str, sha256: str | None = None, source: str | None = None
 ) -> Teacher:
     """A robkit checkpoint (``robkit pretrain`` / ``robkit distill``) with its head as a teacher."""
-    from robkit.engine.checkpoint import load_student
+    from robkit.models.checkpoint import load_student
 
     student, head, meta = load_student(ckpt, with_head=True)
     if head is None:
