@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from robkit.engine.build import distill, pretrain
+from robkit.engine.teacher_cache import CacheForm, build_cache
 from robkit.evaluation import evaluate
-from robkit.teachers.cache import CacheForm, build_cache
 
 ENGINE = {"progress": False, "tensorboard": False, "checkpoint_every_steps": 0, "precise_bn_images": 1024}
 

@@ -28,7 +28,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import torch  # noqa: E402
 
-from robkit.engine.checkpoint import load_student  # noqa: E402
 from robkit.evaluation.api import open_eval_splits  # noqa: E402
 from robkit.evaluation.features import extract_features  # noqa: E402
 from robkit.evaluation.knn import knn_accuracy  # noqa: E402
@@ -36,6 +35,7 @@ from robkit.evaluation.linear import load_probe  # noqa: E402
 from robkit.export.exporter import export_model  # noqa: E402
 from robkit.export.filemodel import ExportedFileModel  # noqa: E402
 from robkit.export.targets import get_target  # noqa: E402
+from robkit.models.checkpoint import load_student  # noqa: E402
 
 TARGETS = ["android-tflite-fp32", "android-tflite-int8", "onnx-int8-cpu", "executorch-xnnpack-int8"]
 
