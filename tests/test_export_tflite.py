@@ -167,3 +167,38 @@ def test_int8_search_keeps_the_breaking_module_float_and_the_file_follows_it(tmp
     with torch.no_grad():
         ref = net(x)
     assert cos(run_litert(res.path, rgb01_nhwc(u8)), ref) > 0.98
+
+
+def test_a_quantised_graph_output_gets_a_float_output_tensor(tmp_path):
+    """litert-torch leaves the output int8 when the last op is quantised; MediaPipe refuses such a
+    file. ``float_outputs`` appends the DEQUANTIZE the app would do, with the same numbers."""
+    import litert_torch
+    from ai_edge_litert.interpreter import Interpreter
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from robkit.export import tflite_format as T
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    example = torch.rand(1, 3, 12, 12)
+    gm, quantizer = T.pt2e_quantize(net, example, torch.rand(8, 3, 12, 12), None)
+    path = tmp_path / "q.tflite"
+    litert_torch.convert(gm, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+
+    def run(p, x):
+        it = Interpreter(model_path=str(p))
+        it.allocate_tensors()
+        i, o = it.get_input_details()[0], it.get_output_details()[0]
+        it.set_tensor(i["index"], x if i["dtype"] == np.float32 else x.astype(i["dtype"]))
+        it.invoke()
+        return it.get_tensor(o["index"]), o
+
+    x = example.numpy()
+    raw, out = run(path, x)
+    assert out["dtype"] == np.int8  # the converter's output: what MediaPipe refuses
+    scale, zero = out["quantization"]
+    assert T.float_outputs(path) == 1
+    y, out2 = run(path, x)
+    assert out2["dtype"] == np.float32
+    np.testing.assert_array_equal(y, (raw.astype(np.float32) - zero) * scale)
+    assert T.float_outputs(path) == 0  # idempotent

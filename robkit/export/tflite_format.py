@@ -4,8 +4,8 @@ int8 via litert-torch's PT2E quantiser, execution with ai-edge-litert (XNNPACK o
 Pitfalls handled here (all reproduced with litert-torch 0.10 / ai-edge-litert 2.3):
 * a PT2E graph exported with a batch-1 example is specialised to batch 1: calibrate one image
   at a time;
-* static int8 files may have int8 input/output tensors: the runner (and the app) quantise the
-  input with the tensor's (scale, zero_point) and dequantise the output;
+* static int8 files end with a DEQUANTIZE (``float_outputs``), so their output is float32; an int8
+  input tensor, where a converter makes one, is quantised by the runner with its (scale, zero_point);
 * litert-torch writes no TFLite Support metadata, and MediaPipe Tasks refuses a float image model
   without it: :func:`embed_metadata` adds the standard ``TFLITE_METADATA`` entry (see
   ``tflite_metadata.py``) and robkit's card (entry ``robkit_card``, ignored by interpreters and
@@ -122,6 +122,69 @@ def convert_static_int8(qmodel, quantizer, example: torch.Tensor, path: str | os
     litert_torch.convert(qmodel, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
         str(path)
     )
+    float_outputs(path)
+
+
+def float_outputs(path: str | os.PathLike) -> int:
+    """Give every int8/int16 graph output a DEQUANTIZE to float32; returns how many were added.
+
+    litert-torch leaves a static int8 file's output tensor quantised when the graph's last op is
+    quantised, and MediaPipe Tasks refuses it ("Expected output tensor at index 0 to have type UINT8
+    or FLOAT32, found INT8"). The dequantisation is the one the app would otherwise do by hand,
+    ``(q - zero_point) * scale``, so the numbers are unchanged.
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    path = Path(path)
+    model = fb.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
+    quantised = (fb.TensorType.INT8, fb.TensorType.INT16)
+    added = 0
+    for g in model.subgraphs:
+        outs = list(g.outputs)
+        for j, t in enumerate(outs):
+            src = g.tensors[t]
+            if src.type not in quantised:
+                continue
+            codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+            if fb.BuiltinOperator.DEQUANTIZE not in codes:
+                code = fb.OperatorCodeT()
+                code.builtinCode = fb.BuiltinOperator.DEQUANTIZE
+                code.deprecatedBuiltinCode = fb.BuiltinOperator.DEQUANTIZE
+                code.version = 1
+                model.operatorCodes.append(code)
+                codes.append(fb.BuiltinOperator.DEQUANTIZE)
+            buf = fb.BufferT()
+            model.buffers.append(buf)
+            out = fb.TensorT()
+            out.shape, out.shapeSignature = src.shape, src.shapeSignature
+            out.type = fb.TensorType.FLOAT32
+            out.buffer = len(model.buffers) - 1
+            name = src.name.decode() if isinstance(src.name, bytes) else (src.name or "output")
+            src.name = f"{name}_int8"
+            out.name = name
+            g.tensors.append(out)
+            op = fb.OperatorT()
+            op.opcodeIndex = codes.index(fb.BuiltinOperator.DEQUANTIZE)
+            op.inputs, op.outputs = [t], [len(g.tensors) - 1]
+            g.operators.append(op)
+            outs[j] = len(g.tensors) - 1
+            added += 1
+        g.outputs = outs
+    if added:
+        _remap_signature_outputs(model)
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        atomic_write_bytes(path, bytes(builder.Output()))
+    return added
+
+
+def _remap_signature_outputs(model) -> None:
+    """Point signature outputs at the subgraph's (new) output tensors, in order."""
+    for sig in model.signatureDefs or []:
+        g = model.subgraphs[sig.subgraphIndex]
+        for tm, idx in zip(sig.outputs or [], g.outputs):
+            tm.tensorIndex = idx
 
 
 class TFLiteRunner:
