@@ -44,12 +44,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("ROBKIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ROBKIT_OFFLINE", "1")
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+_offline = C._offline  # the same autouse fixture: offline, a private ROBKIT_HOME, one process
 
 
 def _kill_at(monkeypatch, step: int) -> None:

@@ -185,11 +185,14 @@ def _run(fn, **kw):
     return fn(**kw)  # robkit's own errors become one clean line in robkit.cli
 
 
-@click.command()
-@click.option("--method", type=click.Choice(["dino", "swav", "mocov2"]), default="dino", show_default=True)
-@click.option(
+_student_option = click.option(
     "--student", type=click.Choice(sorted(STUDENTS)), default="mobilenet_v3_small", show_default=True
 )
+
+
+@click.command()
+@click.option("--method", type=click.Choice(["dino", "swav", "mocov2"]), default="dino", show_default=True)
+@_student_option
 @click.option(
     "--recipe",
     default="sslight",
@@ -210,9 +213,7 @@ def pretrain(method, student, recipe, **opts):
     required=True,
     help="Zoo name (robkit teachers list), an official checkpoint file, or a robkit checkpoint.",
 )
-@click.option(
-    "--student", type=click.Choice(sorted(STUDENTS)), default="mobilenet_v3_small", show_default=True
-)
+@_student_option
 @click.option(
     "--recipe",
     default="auto",

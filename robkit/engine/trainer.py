@@ -369,6 +369,7 @@ class Trainer:
 
     def _resume(self) -> tuple[int, int, int]:
         ckpt = self._resume_ckpt if self._resume_ckpt is not None else self.check_resume()
+        self._resume_ckpt = None  # applied below; do not keep a second copy of the weights for the run
         st = ckpt["train_state"]
         self.task.load_state_dict(st["task"])
         self.optimizer.load_state_dict(st["optimizer"])

@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -88,10 +88,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def hash_stream(chunks: Callable[[], Iterator[bytes]] | Iterator[bytes], h: Any | None = None) -> Any:
+def hash_stream(chunks: Iterator[bytes], h: Any | None = None) -> Any:
     """Feed byte chunks into a hash object (sha256 by default) and return it."""
     h = h or hashlib.sha256()
-    for block in chunks() if callable(chunks) else chunks:
+    for block in chunks:
         h.update(block)
     return h
 
