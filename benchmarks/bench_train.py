@@ -29,7 +29,7 @@ from robkit.models.students import build_student
 def robkit_runner(arch: str, recipe: str, precision: str, channels_last: bool, compile_: bool, ds, out: Path):
     cfg = resolve_config("dino", arch, recipe, {"train": {"batch_size": 256}}, small_images=True)
     task = build_pretrain_task("dino", build_student(arch), cfg, channels_last=channels_last)
-    views = build_views(cfg["views"])
+    views = build_views(cfg.views)
     opts = TrainOptions(
         out_dir=out,
         epochs=1,
@@ -40,8 +40,8 @@ def robkit_runner(arch: str, recipe: str, precision: str, channels_last: bool, c
         progress=False,
         tensorboard=False,
     )
-    meta = CheckpointMeta("pretrain", "dino", {"arch": arch, "kwargs": {}}, cfg, {}, 32)
-    tr = Trainer(task, views, ds, cfg["optim"], cfg["ema"], opts, meta)
+    meta = CheckpointMeta("pretrain", "dino", {"arch": arch, "kwargs": {}}, cfg.to_dict(), {}, 32)
+    tr = Trainer(task, views, ds, cfg.optim, cfg.ema, opts, meta)
     tr._build()
     amp = {"bf16": torch.bfloat16, "fp32": None}[precision]
     batches = tr._epoch_batches(0, 0)

@@ -94,8 +94,8 @@ else:
     torch.manual_seed(0)
     net = build_student(a.student)
     task = B.build_pretrain_task(a.method, net, cfg, channels_last=True)
-views = B.build_views(cfg["views"])
-res = int(cfg["views"]["global_size_px"])
+views = B.build_views(cfg.views)
+res = cfg.views.global_size_px
 mean, std = list(views.mean), list(views.std)
 if a.untrained:
     print(json.dumps({"tag": a.tag, "untrained": knn(copy.deepcopy(task.online.student), res, mean, std)}))
@@ -104,7 +104,7 @@ meta = CheckpointMeta(
     kind="pretrain",
     method=task.method,
     student={"arch": a.student, "kwargs": {}},
-    config=cfg,
+    config=cfg.to_dict(),
     normalization={"mean": mean, "std": std},
     resolution=res,
     data={},
@@ -114,7 +114,7 @@ opts = B._options(
     Path(out),
     {"progress": False, "tensorboard": False, "checkpoint_every_steps": 0, "precise_bn_images": 0},
 )
-tr = Trainer(task, views, train_ds, cfg["optim"], cfg.get("ema", {}), opts, meta)
+tr = Trainer(task, views, train_ds, cfg.optim, cfg.ema, opts, meta)
 m = tr.fit()
 t1 = time.time()
 r = {

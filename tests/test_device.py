@@ -106,7 +106,7 @@ KINDS = ["dino", "swav", "mocov2", "rob-dino-mobilenet_v3_small", "rob-ibot-vit_
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_and_loss_on_fake_cuda(tmp_path, kind):
     task, cfg = _task(kind, tmp_path)
-    views = build_views(cfg["views"])
+    views = build_views(cfg.views)
     imgs, hw = _batch()
     params = views.sample(hw, step_generator(0, 0))  # drawn on the host, as the trainer does
     task.train()
@@ -133,12 +133,10 @@ def _meta_trainer(task, cfg, tmp_path, target_source=None) -> Trainer:
         device="meta",
     )
     meta = CheckpointMeta(
-        kind="test", method=task.method, student={}, config=cfg, normalization={}, resolution=32
+        kind="test", method=task.method, student={}, config=cfg.to_dict(), normalization={}, resolution=32
     )
     ds = fashion_mnist("train", limit=BATCH)
-    return Trainer(
-        task, build_views(cfg["views"]), ds, cfg["optim"], cfg.get("ema", {}), opts, meta, target_source
-    )
+    return Trainer(task, build_views(cfg.views), ds, cfg.optim, cfg.ema, opts, meta, target_source)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -179,7 +177,7 @@ def test_cached_distillation_on_fake_cuda(tmp_path):
     task = build_rob_task(t, "dino", build_student("mobilenet_v3_small"), cfg, channels_last=False)
     src = open_cache(tmp_path / "cache", t, cfg, ds, seed=0)
     src._get(0, 0)  # the shard is read (and checked) on the host, before the fake tensors
-    views = build_views(cfg["views"])
+    views = build_views(cfg.views)
     imgs, hw = _batch()
     params = views.sample(hw, step_generator(0, 0))
     src.replay_views(0, 0, params)

@@ -41,6 +41,7 @@ import pytest
 
 from robkit.catalog import registry
 from robkit.engine.build import build_views
+from robkit.engine.recipe import parse_recipe
 from robkit.engine.config import load_recipe
 from robkit.engine.schedules import lr_for_batch, min_lr_for_batch
 
@@ -420,7 +421,7 @@ def derived(recipe: dict[str, Any], field: str) -> Any:
         gg, gl = _pair_counts(recipe["method"], v["n_global"], v["n_local"])
         return (gg / (gg + gl), gl / (gg + gl))
     if field.startswith("=views."):
-        return getattr(build_views(recipe["views"]), field.removeprefix("=views."))
+        return getattr(build_views(parse_recipe(recipe).views), field.removeprefix("=views."))
     if field.startswith("=rob."):
         return recipe["rob"][field.removeprefix("=rob.")]
     raise KeyError(field)

@@ -45,7 +45,7 @@ def _live_views(seed, epoch, step, steps_per_epoch, batch, cfg):
     """The trainer's views of one step, drawn here from first principles (not through the cache)."""
     from robkit.engine.trainer import _mix_seed
 
-    views = build_views(cfg["views"])
+    views = build_views(cfg.views)
     ds = fashion_mnist("train", limit=LIMIT)
     g = torch.Generator().manual_seed(_mix_seed(seed, epoch, 17))
     idx = torch.randperm(len(ds), generator=g)[: steps_per_epoch * batch].view(-1, batch)[step]

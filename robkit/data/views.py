@@ -83,7 +83,7 @@ class ViewParams:
     crops: list[CropParams]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MultiCropViews:
     """DINO-style multi-crop sampler; keyword defaults are DINO's (Caron et al. 2021, sec. 3 / appendix).
 
@@ -101,10 +101,10 @@ class MultiCropViews:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
-    global_blur_p: tuple[float, ...] = (1.0, 0.1)
+    global_blur_p: tuple[float, ...] | float = (1.0, 0.1)
     local_blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    global_solarize_p: tuple[float, ...] = (0.0, 0.2)
+    global_solarize_p: tuple[float, ...] | float = (0.0, 0.2)
     local_solarize_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

@@ -6,6 +6,7 @@ Also the Python API behind ``robkit pretrain`` and ``robkit distill`` (``pretrai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,17 @@ from torch import nn
 
 from robkit.data.datasets import DataError, data_fingerprint, open_dataset
 from robkit.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropViews
-from robkit.engine.config import check_overrides, deep_merge, load_recipe, resolve_recipe_name
+from robkit.engine.config import deep_merge, load_recipe, resolve_recipe_name
+from robkit.engine.recipe import (
+    DINOLossSpec,
+    HeadSpec,
+    MoCoLossSpec,
+    Recipe,
+    RoBLossSpec,
+    RoBSpec,
+    SwAVLossSpec,
+    parse_recipe,
+)
 from robkit.engine.tasks import DINOTask, MoCoTask, RoBTask, SwAVTask, Task, rob_student_head
 from robkit.engine.trainer import CheckpointMeta, Trainer, TrainOptions
 from robkit.models.checkpoint import load_student
@@ -33,76 +44,86 @@ METHODS = ("dino", "swav", "mocov2")
 SMALL_IMAGE_PX = 64  # data sets whose images are at most this size get the "-small" recipes
 
 
-def build_views(v: dict[str, Any], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> MultiCropViews:
-    kw = {k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()}
-    return MultiCropViews(**kw, mean=tuple(mean), std=tuple(std))
+def build_views(views: MultiCropViews, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> MultiCropViews:
+    """The recipe's views with the data's normalisation (ImageNet's unless given)."""
+    return dataclasses.replace(views, mean=tuple(mean), std=tuple(std))
 
 
 PRETRAIN_HEADS = {"dino": "DINOHead", "swav": "SwAVHead", "mocov2": "MLPHead"}
 
 
-def pretrain_head(method: str, in_dim: int, head_cfg: dict[str, Any]) -> torch.nn.Module:
+def pretrain_head(method: str, in_dim: int, head: HeadSpec) -> torch.nn.Module:
     """The recipe's head of a pre-training method; the method fixes the head class (``head.type`` is not read)."""
-    kwargs = {k: v for k, v in head_cfg.items() if k != "type"}
+    kwargs = head.options()
     if method == "mocov2":  # MoCo's projector [d, hidden, out]
         dims = [in_dim, kwargs["hidden_dim"], kwargs["out_dim"]]
         return build_head("MLPHead", dims=dims, use_bn=kwargs.get("use_bn", False))
     return build_head(PRETRAIN_HEADS[method], in_dim=in_dim, **kwargs)
 
 
-def build_pretrain_task(method: str, student: Student, cfg: dict[str, Any], channels_last: bool) -> Task:
+def _required(recipe: Recipe, section: str, value: Any, field: str) -> Any:
+    if value is None:
+        raise RecipeError(f"recipe {recipe.name!r}: {recipe.method} needs {section}.{field}")
+    return value
+
+
+def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_last: bool) -> Task:
     """DINO, SwAV or MoCo-v2* with the recipe's head and loss keywords."""
-    v, loss_cfg, head_cfg = cfg["views"], dict(cfg["loss"]), cfg["head"]
-    n_global, n_local = v["n_global"], v["n_local"]
-    epochs = cfg["train"]["epochs"]
+    v, head_spec, loss_spec = recipe.views, recipe.head, recipe.loss
+    n_global, n_local = v.n_global, v.n_local
+    epochs = recipe.train.epochs
     d = student.embed_dim
-    if method == "dino":
+    if recipe.method != method:
+        raise RecipeError(f"recipe {recipe.name!r} is a {recipe.method} recipe, not {method}")
+    if isinstance(loss_spec, DINOLossSpec):
         from robkit.objectives.dino import DINOLoss
 
-        if loss_cfg.get("warmup_teacher_temp_epochs", 0) > epochs:  # a short run: warm up over all of it
+        if loss_spec.warmup_teacher_temp_epochs > epochs:  # a short run: warm up over all of it
             log.info("teacher-temperature warm-up shortened to the run's %d epochs", epochs)
-            loss_cfg["warmup_teacher_temp_epochs"] = epochs
+            loss_spec = dataclasses.replace(loss_spec, warmup_teacher_temp_epochs=epochs)
 
-        head = pretrain_head(method, d, head_cfg)
-        loss = DINOLoss(head_cfg["out_dim"], n_global=n_global, n_local=n_local, n_epochs=epochs, **loss_cfg)
+        head = pretrain_head(method, d, head_spec)
+        out_dim = _required(recipe, "head", head_spec.out_dim, "out_dim")
+        loss = DINOLoss(out_dim, n_global=n_global, n_local=n_local, n_epochs=epochs, **_kwargs(loss_spec))
         return DINOTask(
             student,
             head,
             loss,
             n_global=n_global,
-            freeze_last_layer_epochs=cfg["optim"].get("freeze_last_layer_epochs", 1),
+            freeze_last_layer_epochs=recipe.optim.freeze_last_layer_epochs,
             channels_last=channels_last,
         )
-    if method == "swav":
+    if isinstance(loss_spec, SwAVLossSpec):
         from robkit.objectives.swav import SwAVLoss
 
-        head = pretrain_head(method, d, head_cfg)
+        head = pretrain_head(method, d, head_spec)
         loss = SwAVLoss(
-            head_cfg["n_prototypes"],
-            embed_dim=head_cfg["out_dim"],
+            _required(recipe, "head", head_spec.n_prototypes, "n_prototypes"),
+            embed_dim=_required(recipe, "head", head_spec.out_dim, "out_dim"),
             n_global=n_global,
             n_local=n_local,
-            **loss_cfg,
+            **_kwargs(loss_spec),
         )
-        return SwAVTask(student, head, loss, cfg["optim"].get("freeze_prototypes_epochs", 1), channels_last)
-    if method == "mocov2":
+        return SwAVTask(student, head, loss, recipe.optim.freeze_prototypes_epochs, channels_last)
+    if isinstance(loss_spec, MoCoLossSpec):
         from robkit.objectives.mocov2 import MoCoV2Loss
 
         if n_global != 2:
             raise RecipeError(
                 f"MoCo-v2* uses exactly 2 global views (key + query), got views.n_global={n_global}"
             )
-        head = pretrain_head(method, d, head_cfg)
-        loss_cfg["dim"] = head_cfg["out_dim"]  # the loss works on the head's output
-        loss = MoCoV2Loss(n_local=n_local, **loss_cfg)
+        head = pretrain_head(method, d, head_spec)
+        dim = _required(recipe, "head", head_spec.out_dim, "out_dim")  # the loss works on the head's output
+        loss = MoCoV2Loss(dim=dim, n_local=n_local, **_kwargs(loss_spec))
         return MoCoTask(
-            student,
-            head,
-            loss,
-            key_momentum=cfg["ema"].get("key_momentum", 0.999),
-            channels_last=channels_last,
+            student, head, loss, key_momentum=recipe.ema.key_momentum, channels_last=channels_last
         )
     raise RecipeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def _kwargs(spec: Any) -> dict[str, Any]:
+    """A loss spec's fields as the objective's keyword arguments (tuples kept)."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
 
 
 HEAD_FAMILIES = {"DINOHead": "dino", "iBOTHead": "ibot", "SwAVHead": "swav", "MSNHead": "msn"}
@@ -127,48 +148,61 @@ def build_rob_task(
     teacher,
     family: str,
     student: Student,
-    cfg: dict[str, Any],
+    recipe: Recipe,
     channels_last: bool,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
 ) -> RoBTask:
+    """The RoB task: the frozen ``teacher``, a fresh student head of its kind and the family's loss."""
     from robkit.objectives.rob import build_rob_loss
 
-    v, rob = cfg["views"], cfg.get("rob", {})
-    head_cfg = dict(cfg["head"])
-    head_type = head_cfg.pop("type", "teacher")
+    if not isinstance(recipe.loss, RoBLossSpec):
+        raise RecipeError(f"recipe {recipe.name!r} is a {recipe.method} recipe; RoB needs a rob-* recipe")
+    v, rob = recipe.views, recipe.rob or RoBSpec()
+    head_opts = recipe.head.options()
     k = int(teacher.num_prototypes)
-    head = rob_student_head(family, student.embed_dim, k, head_type=head_type, **head_cfg)
-    loss = build_rob_loss(family, n_teacher_crops=v["n_global"], **cfg["loss"])
+    head = rob_student_head(
+        family, student.embed_dim, k, head_type=recipe.head.type or "teacher", **head_opts
+    )
+    try:
+        loss = build_rob_loss(family, n_teacher_crops=v.n_global, **recipe.loss.options())
+    except TypeError as e:  # a loss field this family's loss does not take
+        raise RecipeError(f"recipe {recipe.name!r} with a {family} teacher: {e}") from None
     return RoBTask(
         student,
         head,
         loss,
         teacher,
         family,
-        n_global=v["n_global"],
+        n_global=v.n_global,
         student_mean=mean,
         student_std=std,
-        mask_ratio_range=tuple(rob.get("mask_ratio_range", (0.1, 0.5))),
-        mask_p_zero=rob.get("mask_p_zero", 0.5),
-        patch_drop=rob.get("patch_drop", 0.0),
-        teacher_resolution=_teacher_resolution(rob.get("teacher_resolution", "native"), v),
+        mask_ratio_range=rob.mask_ratio_range,
+        mask_p_zero=rob.mask_p_zero,
+        patch_drop=rob.patch_drop,
+        teacher_resolution=teacher_resolution(rob.teacher_resolution, v),
         channels_last=channels_last,
     )
 
 
-def _teacher_resolution(setting, views_cfg: dict[str, Any]) -> int | None:
+def teacher_resolution(setting: str | int | None, views: MultiCropViews) -> int | None:
     """``native`` (the teacher's own resolution), ``student`` (the global crops' size) or pixels."""
     if setting in (None, "native"):
         return None
     if setting == "student":
-        return int(views_cfg["global_size_px"])
-    return int(setting)
+        return int(views.global_size_px)
+    try:
+        return int(setting)  # type: ignore[arg-type]
+    except ValueError:
+        raise RecipeError(
+            f"rob.teacher_resolution must be native, student or a size in pixels, got {setting!r}"
+        ) from None
 
 
 def resolve_config(
     method: str, student_arch: str, recipe: str, overrides: dict[str, Any], small_images: bool
-) -> dict[str, Any]:
+) -> Recipe:
+    """The typed recipe ``recipe`` (a short name such as ``sslight`` or a full one) with ``overrides``."""
     kind = STUDENTS[student_arch].kind if student_arch in STUDENTS else "cnn"
     name = None
     if small_images and not recipe.endswith("-small"):
@@ -177,9 +211,7 @@ def resolve_config(
         except KeyError:
             name = None
     name = name or resolve_recipe_name(recipe, method, kind)
-    base = load_recipe(name)
-    check_overrides(base, overrides)
-    return deep_merge(base, overrides)
+    return parse_recipe(deep_merge(load_recipe(name), overrides))
 
 
 def resolve_run_config(
@@ -189,7 +221,7 @@ def resolve_run_config(
     overrides: dict[str, Any] | None,
     ds: Any,
     family: str | None = None,
-) -> dict[str, Any]:
+) -> Recipe:
     """The one recipe resolver of ``pretrain``, ``distill`` and ``teachers cache``.
 
     ``method`` is a pre-training method or ``"rob"`` (then ``family`` is the teacher's head family and
@@ -222,15 +254,15 @@ def _run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
     return out_dir
 
 
-def _options(cfg: dict[str, Any], out_dir: Path, engine: dict[str, Any]) -> TrainOptions:
-    t = cfg["train"]
+def _options(cfg: Recipe, out_dir: Path, engine: dict[str, Any]) -> TrainOptions:
+    t = cfg.train
     return TrainOptions(
         out_dir=out_dir,
-        epochs=int(t["epochs"]),
-        batch_size=int(t["batch_size"]),
-        precision=t.get("precision", "auto"),
-        channels_last=t.get("channels_last", True),
-        compile=t.get("compile", False),
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        precision=t.precision,
+        channels_last=t.channels_last,
+        compile=t.compile,
         **engine,
     )
 
@@ -258,7 +290,7 @@ def pretrain(
     cfg = resolve_run_config(method, student, recipe, overrides, ds)
     out_dir = _run_dir(out, f"{method}-{student}", resume)
     net, init_rec = _initial_student(student, cfg, engine.get("seed", 0), init)
-    task = build_pretrain_task(method, net, cfg, channels_last=cfg["train"].get("channels_last", True))
+    task = build_pretrain_task(method, net, cfg, channels_last=cfg.train.channels_last)
     return _fit(task, cfg, ds, data, out_dir, "pretrain", None, resume, engine, init_rec=init_rec)
 
 
@@ -288,16 +320,16 @@ def distill(
     family = teacher_head_family(tch)
     ds = _dataset(data, data_limit)
     cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
-    if cfg.get("teacher_family") and cfg["teacher_family"] != family:
+    if cfg.teacher_family and cfg.teacher_family != family:
         log.warning(
             "recipe %s was written for %s teachers; the teacher is a %s teacher",
-            cfg["name"],
-            cfg["teacher_family"],
+            cfg.name,
+            cfg.teacher_family,
             family,
         )
     out_dir = _run_dir(out, f"rob-{family}-{student}", resume)
     net, init_rec = _initial_student(student, cfg, engine.get("seed", 0), init)
-    task = build_rob_task(tch, family, net, cfg, channels_last=cfg["train"].get("channels_last", True))
+    task = build_rob_task(tch, family, net, cfg, channels_last=cfg.train.channels_last)
     teacher_rec = {
         "name": getattr(tch, "name", str(teacher)),
         "sha256": getattr(tch, "sha256", None),
@@ -318,11 +350,11 @@ def _fingerprint(ds) -> dict[str, Any] | None:
         return None
 
 
-def _initial_student(arch: str, cfg: dict[str, Any], seed: int, init) -> tuple[Student, dict | None]:
+def _initial_student(arch: str, cfg: Recipe, seed: int, init) -> tuple[Student, dict | None]:
     """The run's seeded initial student (the same seed gives the same weights), or ``--init``'s weights."""
     torch.manual_seed(seed)
-    vit_drop = STUDENTS[arch].kind == "vit" and cfg["train"].get("drop_path")
-    net = build_student(arch, **({"drop_path_rate": cfg["train"]["drop_path"]} if vit_drop else {}))
+    vit_drop = STUDENTS[arch].kind == "vit" and cfg.train.drop_path
+    net = build_student(arch, **({"drop_path_rate": cfg.train.drop_path} if vit_drop else {}))
     return net, (init_from_checkpoint(net, init) if init else None)
 
 
@@ -348,7 +380,7 @@ def _spec(data) -> str:
 
 def _fit(
     task: Task,
-    cfg: dict[str, Any],
+    cfg: Recipe,
     ds,
     data: str,
     out_dir: Path,
@@ -359,7 +391,7 @@ def _fit(
     target_source=None,
     init_rec: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    views = build_views(cfg["views"])
+    views = build_views(cfg.views)
     student = task.student
     identity: dict[str, Any] = {"data": _fingerprint(ds)}
     if teacher_rec is not None:
@@ -370,23 +402,23 @@ def _fit(
         kind=kind,
         method=task.method,
         student={"arch": student.arch, "kwargs": student.build_kwargs},
-        config=cfg,
+        config=cfg.to_dict(),
         normalization={"mean": list(views.mean), "std": list(views.std)},
-        resolution=int(cfg["views"]["global_size_px"]),
+        resolution=cfg.views.global_size_px,
         teacher=teacher_rec,
         data={"spec": _spec(data), "images": len(ds), "name": getattr(ds, "name", _spec(data))},
         identity=identity,
         init=init_rec,
     )
     trainer = Trainer(
-        task, views, ds, cfg["optim"], cfg.get("ema", {}), _options(cfg, out_dir, engine), meta, target_source
+        task, views, ds, cfg.optim, cfg.ema, _options(cfg, out_dir, engine), meta, target_source
     )
     if resume:
         trainer.check_resume()  # before anything in the run folder changes
     atomic_write_text(
         out_dir / "config.yaml",
         yaml.safe_dump(
-            {**cfg, "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
+            {**cfg.to_dict(), "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
             sort_keys=False,
         ),
     )

@@ -3,7 +3,8 @@
 A recipe record has sections ``views``, ``loss``, ``head``, ``optim``, ``ema``, ``train``
 (and ``rob`` for distillation); ``extends: OTHER`` deep-merges another recipe underneath
 (a section with ``_replace: true`` replaces the inherited one instead of merging into it).
-Any field can be overridden from the command line as ``section.key=value`` (YAML-parsed).
+Any field can be overridden from the command line as ``section.key=value`` (YAML-parsed); the merged
+record is then parsed into a typed :class:`robkit.engine.recipe.Recipe`, which refuses unknown fields.
 """
 
 from __future__ import annotations
@@ -14,18 +15,13 @@ from typing import Any
 import yaml
 
 from robkit.catalog import CatalogError, registry
+from robkit.engine.recipe import SECTIONS
 from robkit.utils.errors import RecipeError
 from robkit.utils.suggest import did_you_mean
 
-SECTIONS = ("views", "loss", "head", "optim", "ema", "train", "rob")
-# Engine settings a recipe need not state, always accepted in the ``train`` section.
-ENGINE_TRAIN_KEYS = ("precision", "channels_last", "compile")
-# Distillation settings the RoB task reads (robkit.engine.build.build_rob_task), with their defaults
-# there; a recipe states only the ones it changes.
-ROB_KEYS = ("teacher_resolution", "teacher_precision", "mask_ratio_range", "mask_p_zero", "patch_drop")
-
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``, section by section (``_replace: true`` swaps a section)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and v.get("_replace"):  # `_replace: true` swaps the whole section
@@ -88,33 +84,3 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(raw)
     return out
-
-
-def check_overrides(recipe: dict[str, Any], overrides: dict[str, Any], path: str = "") -> None:
-    """Refuse an override of a field the recipe does not have (typos would otherwise be ignored).
-
-    Every section is closed: ``train`` also takes the engine settings (:data:`ENGINE_TRAIN_KEYS`) and
-    ``rob`` the distillation settings (:data:`ROB_KEYS`) a recipe need not state.
-    """
-    for k, v in overrides.items():
-        here = f"{path}.{k}" if path else k
-        if path == "train" and k in ENGINE_TRAIN_KEYS:
-            continue
-        if path == "rob" and k in ROB_KEYS:
-            continue
-        if path == "" and k == "rob" and "rob" not in recipe:
-            if not str(recipe.get("method", "")).startswith("rob"):
-                raise RecipeError(
-                    f"override section 'rob' applies to distillation recipes only; {recipe.get('name')!r} "
-                    "is a pre-training recipe (use `robkit distill` for RoB)"
-                )
-            check_overrides({}, v, "rob")
-            continue
-        if isinstance(recipe, dict) and k not in recipe:
-            fields = sorted(recipe) + (list(ENGINE_TRAIN_KEYS) if path == "train" else [])
-            fields += list(ROB_KEYS) if path == "rob" else []
-            raise RecipeError(
-                f"unknown recipe field {here!r}.{did_you_mean(k, fields)} Fields here: {', '.join(sorted(set(fields)))}"
-            )
-        if isinstance(v, dict) and isinstance(recipe.get(k), dict):
-            check_overrides(recipe[k], v, here)

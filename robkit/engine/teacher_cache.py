@@ -47,6 +47,7 @@ from torch import nn
 
 from robkit.data.datasets import DataError, data_fingerprint
 from robkit.data.views import CropParams, ViewParams
+from robkit.engine.recipe import Recipe, RoBSpec
 from robkit.engine.trainer import epoch_order
 from robkit.teachers.teacher import TeacherOutput
 from robkit.utils.errors import RecipeError, RobkitError
@@ -87,10 +88,21 @@ class CacheForm:
 # ------------------------------------------------------------------------------ identity
 
 
-def recipe_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Everything of a resolved RoB config that the teacher's input depends on."""
-    views = {k: v for k, v in cfg["views"].items() if k not in LOCAL_VIEW_KEYS}
-    return {"views": views, "teacher_resolution": cfg.get("rob", {}).get("teacher_resolution", "native")}
+def recipe_fingerprint(cfg: Recipe) -> dict[str, Any]:
+    """Everything of a resolved RoB recipe that the teacher's input depends on (plain JSON types)."""
+    record = cfg.to_dict()
+    views = {k: v for k, v in record["views"].items() if k not in LOCAL_VIEW_KEYS}
+    return {"views": views, "teacher_resolution": (cfg.rob or RoBSpec()).teacher_resolution}
+
+
+def _teacher_temperature(cfg: Recipe) -> float:
+    """The temperature of the stored targets: the loss's teacher temperature (or SwAV's epsilon)."""
+    loss = cfg.loss
+    for name in ("teacher_temp", "epsilon"):
+        value = getattr(loss, name, None)
+        if value is not None:
+            return float(value)
+    return 0.07
 
 
 def cache_key(teacher_sha256: str, recipe_fp: dict, data_fp: dict, seed: int, batch_size: int) -> str:
@@ -266,10 +278,10 @@ def build_cache(
     from robkit import teachers as zoo
     from robkit.engine.build import (
         _dataset,
-        _teacher_resolution,
         build_views,
         resolve_run_config,
         teacher_head_family,
+        teacher_resolution,
     )
     from robkit.engine.hardware import autocast_dtype, resolve_precision
     from robkit.engine.tasks.rob import teacher_input
@@ -283,21 +295,21 @@ def build_cache(
     form = form or CacheForm()
     if form.patches is None:
         form = dataclasses.replace(form, patches=family == "ibot" and STUDENTS[student].kind == "vit")
-    if form.form == "topk" and cfg["loss"].get("sinkhorn_iterations", 0):
+    if form.form == "topk" and getattr(cfg.loss, "sinkhorn_iterations", None):
         raise RecipeError(
             "top-k targets cannot feed Sinkhorn-Knopp (zero columns); cache the embedding "
             "(--form embedding) or use loss.sinkhorn_iterations=0"
         )
-    views = build_views(cfg["views"])
-    n_g, batch = views.n_global, int(cfg["train"]["batch_size"])
+    views = build_views(cfg.views)
+    n_g, batch = views.n_global, cfg.train.batch_size
     steps = len(ds) // batch
     if steps == 0:
         raise DataError(
             f"the data set has {len(ds)} images, fewer than one batch of {batch}; lower --batch-size"
         )
-    res = _teacher_resolution(cfg.get("rob", {}).get("teacher_resolution", "native"), cfg["views"])
+    res = teacher_resolution((cfg.rob or RoBSpec()).teacher_resolution, cfg.views)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = autocast_dtype(resolve_precision(cfg["train"].get("precision", "auto"), dev))
+    amp = autocast_dtype(resolve_precision(cfg.train.precision, dev))
     tch.to(dev)
 
     recipe_fp, data_fp = recipe_fingerprint(cfg), data_fingerprint(ds)
@@ -308,7 +320,7 @@ def build_cache(
         "format": CACHE_FORMAT,
         "key": key,
         "teacher": {"name": getattr(tch, "name", str(teacher)), "sha256": tch.sha256, "family": family},
-        "recipe": {"name": cfg.get("name"), **recipe_fp},
+        "recipe": {"name": cfg.name, **recipe_fp},
         "data": data_fp,
         "seed": int(seed),
         "batch_size": batch,
@@ -316,7 +328,7 @@ def build_cache(
         "shard_steps": int(shard_steps),
         "n_global": n_g,
         "form": form.__dict__,
-        "teacher_temperature": float(cfg["loss"].get("teacher_temp", cfg["loss"].get("epsilon", 0.07))),
+        "teacher_temperature": _teacher_temperature(cfg),
         "precision": str(amp or "fp32"),
     }
     if (root / "manifest.json").is_file():
@@ -468,7 +480,7 @@ class CachedTargets:
 def open_cache(
     root: str | os.PathLike,
     teacher: nn.Module,
-    cfg: dict[str, Any],
+    cfg: Recipe,
     ds,
     seed: int,
     needs_patches: bool = False,
@@ -476,11 +488,11 @@ def open_cache(
     """Verify that the cache at ``root`` serves this run, drop the teacher's backbone, return the hook.
 
     Refused (``CacheMismatch``): another teacher file, other global-view settings, another data set,
-    seed or batch size, fewer epochs than ``cfg['train']['epochs']``, missing or corrupt shards.
+    seed or batch size, fewer epochs than ``cfg.train.epochs``, missing or corrupt shards.
     """
     root = Path(root)
     m = read_manifest(root)
-    batch, epochs = int(cfg["train"]["batch_size"]), int(cfg["train"]["epochs"])
+    batch, epochs = cfg.train.batch_size, cfg.train.epochs
     rebuild = "rebuild it with `robkit teachers cache` and the same --teacher/--data/--recipe/--set/--seed"
     checks = [
         ("cache format", m.get("format"), CACHE_FORMAT),

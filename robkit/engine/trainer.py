@@ -30,6 +30,7 @@ from robkit.data.views import MultiCropViews
 from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
 from robkit.engine.hardware import autocast_dtype, resolve_precision
 from robkit.engine.optim import build_optimizer, param_groups
+from robkit.engine.recipe import EMASpec, OptimSpec
 from robkit.engine.runlog import RunLog
 from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
 from robkit.engine.tasks import Task
@@ -170,8 +171,8 @@ class Trainer:
         task: Task,
         views: MultiCropViews,
         dataset,
-        optim_cfg: dict[str, Any],
-        ema_cfg: dict[str, Any],
+        optim: OptimSpec,
+        ema: EMASpec,
         opts: TrainOptions,
         meta: CheckpointMeta,
         target_source=None,
@@ -180,7 +181,7 @@ class Trainer:
         replace the global views' parameters and the teacher's outputs of every step."""
         self.task, self.views, self.dataset = task, views, dataset
         self.target_source = target_source
-        self.optim_cfg, self.ema_cfg, self.opts, self.meta = optim_cfg, ema_cfg, opts, meta
+        self.optim, self.ema, self.opts, self.meta = optim, ema, opts, meta
         self.out_dir = Path(opts.out_dir)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         if opts.batch_size % self.world:
@@ -251,7 +252,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up
     def _build(self) -> None:
-        task, cfg = self.task, self.optim_cfg
+        task, cfg = self.task, self.optim
         task.to(self.device)
         if self.opts.channels_last and not task.student.is_vit:
             task.to(memory_format=torch.channels_last)
@@ -264,35 +265,33 @@ class Trainer:
             task.wrap_online(ddp)
         groups = param_groups(
             task.online,
-            weight_decay=cfg.get("weight_decay", 0.0),
-            exclude_depthwise_from_lars=cfg.get("exclude_depthwise_from_lars", True),
+            weight_decay=cfg.weight_decay,
+            exclude_depthwise_from_lars=cfg.exclude_depthwise_from_lars,
         )
-        base_lr = lr_for_batch(cfg["base_lr"], self.opts.batch_size)
+        base_lr = lr_for_batch(cfg.base_lr, self.opts.batch_size)
         self.optimizer = build_optimizer(
-            cfg["name"],
+            cfg.name,
             groups,
             lr=base_lr,
-            weight_decay=cfg.get("weight_decay", 0.0),
-            momentum=cfg.get("momentum", 0.9),
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
             **(
-                {"trust_coefficient": cfg["trust_coefficient"]}
-                if cfg["name"] == "lars" and "trust_coefficient" in cfg
+                {"trust_coefficient": cfg.trust_coefficient}
+                if cfg.name == "lars" and cfg.trust_coefficient is not None
                 else {}
             ),
         )
         spe, total = self.steps_per_epoch, self.total_steps
-        warm = min(int(round(cfg.get("warmup_epochs", 0) * spe)), total // 2)  # short runs: half at most
+        warm = min(int(round(cfg.warmup_epochs * spe)), total // 2)  # short runs: half at most
         self.lr_sched = cosine_schedule(
             base_lr,
-            min_lr_for_batch(cfg.get("min_lr", 0.0), self.opts.batch_size, cfg.get("min_lr_batch")),
+            min_lr_for_batch(cfg.min_lr, self.opts.batch_size, cfg.min_lr_batch),
             total,
             warm,
-            lr_for_batch(cfg.get("start_warmup_lr", 0.0), self.opts.batch_size),
+            lr_for_batch(cfg.start_warmup_lr, self.opts.batch_size),
         )
-        wd0 = cfg.get("weight_decay", 0.0)
-        self.wd_sched = cosine_schedule(wd0, cfg.get("weight_decay_end", wd0), total)
-        m0 = self.ema_cfg.get("momentum", 0.0)
-        self.ema_sched = cosine_schedule(m0, self.ema_cfg.get("momentum_end", m0), total)
+        self.wd_sched = cosine_schedule(cfg.weight_decay, cfg.final_weight_decay, total)
+        self.ema_sched = cosine_schedule(self.ema.momentum, self.ema.final_momentum, total)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def _checkpoint(
@@ -571,7 +570,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        clip = self.optim_cfg.get("clip_grad", 0.0)
+        clip = self.optim.clip_grad
         if clip:
             clip_gradients(self.task.online, clip)
         self.task.before_optimizer_step(progress)
