@@ -362,3 +362,105 @@ def plot(path: str | os.PathLike, rows: list[BenchRow]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class BenchReport:
+    """What :func:`bench_files` measured: table rows, the sgemm peak per thread count, notes."""
+
+    rows: list[BenchRow]
+    peaks: dict[int, float]
+    notes: list[str]
+    runners: int
+
+
+def bench_files(
+    paths: list[Path],
+    checkpoint: str | os.PathLike | None = None,
+    threads: list[int] | None = None,
+    rounds: int = 50,
+    warmup: int = 5,
+    merge: list[str] | None = None,
+    update_cards: bool = True,
+) -> BenchReport:
+    """Time exported files (each with its card), and the checkpoint in PyTorch eager, interleaved.
+
+    Core ML files are listed in the notes (they run on Apple devices only: time them in Xcode and
+    ``merge`` the numbers); ExecuTorch's thread pool is process-wide, so ``.pte`` files are timed at
+    the largest thread count only. ``merge``: on-device results (TFLite ``benchmark_model`` output or
+    JSON rows) added to the table. ``update_cards`` stores each file's latency in its card.
+    """
+    counts = sorted(set(threads or [1, 2]))
+    runners: list[Runner] = []
+    notes: list[str] = []
+    et_threads = None
+    macs_by_arch: dict[str, float] = {}
+    for p in paths:
+        card = cards.read_card(p)
+        if card is None:
+            raise ExportError(f"{p} has no card ({cards.card_path(p).name}); export it with `robkit export`")
+        if card["format"] == "coreml":
+            notes.append(
+                f"{p.name}: Core ML runs only on Apple devices; time it with Xcode's Performance tab "
+                "and pass the numbers with --merge"
+            )
+            continue
+        macs = _card_macs(card, macs_by_arch)
+        for t in counts:
+            if card["format"] == "executorch":  # one process-wide pool: measure at one count only
+                if et_threads is not None and t != et_threads:
+                    continue
+                et_threads = et_threads or max(counts)
+                t = et_threads
+            r = file_runner(p, t)
+            r.macs_g = macs
+            runners.append(r)
+        if card["format"] == "executorch" and len(counts) > 1:
+            notes.append(
+                f"{p.name}: ExecuTorch's thread pool is process-wide; timed at {et_threads} threads only"
+            )
+    if checkpoint:
+        runners += _checkpoint_runners(checkpoint, counts)
+    peaks = {t: measure_peak(t) for t in counts}
+    run_interleaved(runners, rounds=rounds, warmup=warmup)
+    rows = rows_from(runners, peaks)
+    for m in merge or []:
+        rows += parse_merge(m)
+    if update_cards:
+        for p in paths:
+            mine = [r for r in rows if r.name == p.name]
+            if mine:
+                latency = {
+                    f"{r.threads}t": {"median_ms": r.median_ms, "p90_ms": r.p90_ms, "cpu": cpu_name()}
+                    for r in mine
+                }
+                cards.update_card(p, latency=latency)
+    return BenchReport(rows, peaks, notes, len(runners))
+
+
+def _card_macs(card: dict[str, Any], cache: dict[str, float]) -> float | None:
+    """MACs of the card's architecture at its resolution (weights do not matter for the count)."""
+    from robkit.export.wrappers import freeze_input_size
+    from robkit.models.students import STUDENTS, build_student
+
+    arch, res = card.get("arch"), int(card["input"]["resolution"])
+    key = f"{arch}@{res}"
+    if key not in cache and arch in STUDENTS:
+        net = freeze_input_size(build_student(str(arch)).eval(), res)
+        cache[key] = count_macs(net, torch.zeros(1, 3, res, res))
+    return cache.get(key)
+
+
+def _checkpoint_runners(checkpoint: str | os.PathLike, counts: list[int]) -> list[Runner]:
+    from robkit.models.checkpoint import load_student
+
+    student, meta = load_student(checkpoint)
+    res = int(meta.get("resolution") or 224)
+    x = torch.randn(1, 3, res, res)
+    macs = count_macs(student, x)
+    out = []
+    for t in counts:
+        r = torch_runner(student, x, t, name=f"{student.arch} (pytorch)")
+        r.macs_g = macs
+        out.append(r)
+    return out

@@ -124,3 +124,25 @@ def update_card(path: str | os.PathLike, **fields: Any) -> None:
     card = read_card(path) or {}
     card.update(fields)
     atomic_write_json(card_path(path), card)
+
+
+def flat_metadata(card: dict[str, Any]) -> dict[str, str]:
+    """The card's provenance and I/O contract as flat ``robkit.<key>`` string entries (JSON values)."""
+    keys = (
+        "model",
+        "arch",
+        "teacher",
+        "method",
+        "recipe",
+        "normalization",
+        "input",
+        "labels",
+        "robkit_version",
+        "target",
+        "output",
+    )
+    return {
+        f"robkit.{k}": (v if isinstance(v, str) else json.dumps(v))
+        for k in keys
+        if (v := card.get(k)) is not None
+    }

@@ -17,13 +17,17 @@ import copy
 import logging
 import os
 import platform
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from robkit.export.backends import Converted, ConvertJob
+from robkit.export.card import flat_metadata
 from robkit.export.quantize import QUANTIZABLE, fake_quant_weight
 from robkit.export.targets import ExportTarget
 
@@ -106,29 +110,6 @@ def set_metadata(mlmodel, card: dict[str, Any]) -> None:
     del json
 
 
-def flat_metadata(card: dict[str, Any]) -> dict[str, str]:
-    import json
-
-    keys = (
-        "model",
-        "arch",
-        "teacher",
-        "method",
-        "recipe",
-        "normalization",
-        "input",
-        "labels",
-        "robkit_version",
-        "target",
-        "output",
-    )
-    return {
-        f"robkit.{k}": (v if isinstance(v, str) else json.dumps(v))
-        for k in keys
-        if (v := card.get(k)) is not None
-    }
-
-
 def inspect(mlmodel) -> dict[str, Any]:
     """Structure of an in-memory mlprogram: inputs, outputs, op inventory, weight storage."""
     spec = mlmodel.get_spec()
@@ -207,3 +188,109 @@ def predict(path: str | os.PathLike, x: np.ndarray, target: ExportTarget) -> np.
         else:
             outs.append(np.asarray(next(iter(r.values())), dtype=np.float32).reshape(1, -1))
     return np.concatenate(outs)
+
+
+def structure_problems(s: dict[str, Any], target: ExportTarget, labels: Sequence[str] | None) -> list[str]:
+    """What is wrong with a program's structure (:func:`inspect`) for ``target``; empty if nothing."""
+    problems = []
+    want_in = "imageType" if target.input == "image" else "multiArrayType"
+    if want_in not in s["inputs"].values():
+        problems.append(f"input is {s['inputs']}, expected a {want_in}")
+    if labels and "classLabel" not in s["outputs"]:
+        problems.append(f"classifier outputs missing: {s['outputs']}")
+    w = s["weights"]
+    if target.precision == "fp16" and not w.get("float16"):
+        problems.append(f"fp16 target but weights are {w}")
+    if target.coreml.get("compression") == "linear8" and not w.get("constexpr_affine_dequantize"):
+        problems.append(f"int8 weights requested but none are int8-compressed: {w}")
+    if not any(k.startswith("robkit.") for k in s["metadata_keys"]):
+        problems.append("robkit metadata missing")
+    return problems
+
+
+def _replace_package(path: Path, write) -> None:
+    """Write a new package next to ``path`` with ``write(tmp)``, then swap it in (never half-written)."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # coremltools wants the .mlpackage suffix
+    old = path.with_name(f".{path.stem}.old{path.suffix}")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    write(tmp)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+class CoreMLBackend:
+    """Core ML (mlprogram) behind the export protocol (``robkit.export.backends.Backend``).
+
+    Off macOS the file cannot execute: ``run`` checks the saved program's structure and gives the
+    outputs of a PyTorch model with the file's weight rounding, saying so in its note."""
+
+    format, runtime = "coreml", "coreml"
+
+    def convert(self, job: ConvertJob) -> Converted:
+        """The mlprogram (image input, classifier labels, weight compression), saved as a package."""
+        mlmodel = convert_coreml(job.module, job.example, job.target, job.labels)
+        structure = inspect(mlmodel)  # the MIL program exists only before saving
+        out = job.out
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        mlmodel.save(str(out))
+        conversion = {
+            "runtime": "coremltools (structural)",
+            "converter": "coremltools torch.export frontend",
+            **structure,
+        }
+        return Converted(conversion)
+
+    def embed(self, path: Path, card: dict[str, Any], labels: list[str] | None) -> bool:
+        """Author, description, input description and ``robkit.*`` user-defined metadata (Xcode shows them)."""
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        set_metadata(model, card)
+        _replace_package(Path(path), lambda tmp: model.save(str(tmp)))
+        return True
+
+    def run(
+        self, path: Path, job: ConvertJob, converted: Converted
+    ) -> tuple[np.ndarray, str, dict[str, Any]]:
+        """The package on macOS; elsewhere the structural check and the weight-rounding proxy."""
+        from robkit.export.parity import ParityError
+
+        spec_keys = sorted(self.read_back(path))
+        structure = {**converted.conversion, "metadata_keys": spec_keys}
+        problems = structure_problems(structure, job.target, job.labels)
+        if problems:
+            raise ParityError(f"Core ML program for {job.target.name} is malformed: {'; '.join(problems)}")
+        facts: dict[str, Any] = {"metadata_keys": spec_keys}
+        if can_run_coreml():
+            facts.update(runtime="Core ML (macOS)", executed=True)
+            return predict(path, job.par_x.numpy(), job.target), "", facts
+        with torch.no_grad():
+            proxy = simulated_module(job.module, job.target)(job.par_x).numpy()
+        note = (
+            "Core ML cannot execute on Linux: the program was checked structurally (inputs, outputs, ops, "
+            "weight dtypes, metadata) and the numbers are from PyTorch with the file's weight rounding; "
+            "numeric parity of the file itself needs macOS."
+        )
+        return proxy, note, facts
+
+    def runner(self, path: Path, threads: int):
+        """Core ML files run only on Apple devices."""
+        from robkit.export.filemodel import ExportError
+
+        raise ExportError(
+            f"{path}: coreml files cannot run on this machine (Core ML needs macOS); "
+            "run an ONNX, TFLite or ExecuTorch export instead."
+        )
+
+    def read_back(self, path: Path) -> dict[str, Any]:
+        """The package's user-defined metadata, as Xcode and ``MLModel.modelDescription`` show it."""
+        import coremltools as ct
+
+        spec = ct.utils.load_spec(str(path))
+        return dict(spec.description.metadata.userDefined)

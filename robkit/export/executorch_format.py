@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robkit.export.backends import Converted, ConvertJob
 from robkit.utils.errors import RobkitError
 
 
@@ -95,3 +96,56 @@ def set_threads(n: int) -> bool:
     if get() != n:
         reset(n)
     return True
+
+
+class ExecuTorchBackend:
+    """ExecuTorch (XNNPACK delegate) behind the export protocol (``robkit.export.backends.Backend``).
+
+    A ``.pte`` program has no metadata section: the sidecar card is the file's only metadata."""
+
+    format, runtime = "executorch", "executorch"
+
+    def convert(self, job: ConvertJob) -> Converted:
+        """Lowered to XNNPACK; int8 through XNNPACK's PT2E quantiser with the mixed-precision plan."""
+        from robkit.export.int8 import pt2e_static_int8
+        from robkit.export.tflite_format import run_torch_batch1
+
+        require_executorch()
+        plan, simulated = None, None
+        if job.target.precision == "int8":
+            assert job.search_x is not None
+            plan, gm, _ = pt2e_static_int8(
+                job.module,
+                job.target,
+                job.example,
+                job.cal_x,
+                job.search_x,
+                job.is_vit,
+                quantizer_factory=xnnpack_quantizer,
+                fold=True,
+            )
+            simulated = run_torch_batch1(gm, job.par_x)
+            conversion = lower(gm, job.example, job.out)
+        else:
+            conversion = lower(job.module, job.example, job.out)
+        conversion["runtime"] = "executorch (XNNPACK)"
+        return Converted(conversion, plan, simulated)
+
+    def embed(self, path: Path, card: dict[str, Any], labels: list[str] | None) -> bool:
+        """Nothing: ``.pte`` files carry no metadata (the sidecar card has it)."""
+        return False
+
+    def run(
+        self, path: Path, job: ConvertJob, converted: Converted
+    ) -> tuple[np.ndarray, str, dict[str, Any]]:
+        """The program in ExecuTorch's runtime on the parity images."""
+        return np.asarray(ExecuTorchRunner(path).run_batches(job.par_x.numpy())), "", {}
+
+    def runner(self, path: Path, threads: int) -> ExecuTorchRunner:
+        """The program loaded with the process-wide pool at ``threads`` threads."""
+        require_executorch()
+        return ExecuTorchRunner(path, threads)
+
+    def read_back(self, path: Path) -> dict[str, Any]:
+        """Nothing: see the class docstring."""
+        return {}

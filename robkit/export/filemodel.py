@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from robkit.export import card as cards
+from robkit.export.targets import FORMATS
 from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 from robkit.utils.errors import RobkitError
 
@@ -29,24 +30,13 @@ def is_exported_file(path: Any) -> bool:
 
 def open_runner(path: str | os.PathLike, card: dict[str, Any], threads: int) -> tuple[Any, str]:
     """``(runner, runtime name)``; ``runner(x)`` runs one input, ``runner.run_batches(x)`` many."""
+    from robkit.export.backends import backend_for
+
     fmt = card.get("format")
-    if fmt == "onnx":
-        from robkit.export.onnx_format import OnnxRunner
-
-        return OnnxRunner(path, threads), "onnxruntime"
-    if fmt == "tflite":
-        from robkit.export.tflite_format import TFLiteRunner
-
-        return TFLiteRunner(path, threads), "litert"
-    if fmt == "executorch":
-        from robkit.export.executorch_format import ExecuTorchRunner, require_executorch
-
-        require_executorch()
-        return ExecuTorchRunner(path, threads), "executorch"
-    raise ExportError(
-        f"{path}: {fmt} files cannot run on this machine (Core ML needs macOS); "
-        "run an ONNX, TFLite or ExecuTorch export instead."
-    )
+    if fmt not in FORMATS:
+        raise ExportError(f"{path}: its card names format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    backend = backend_for(fmt)
+    return backend.runner(Path(path), threads), backend.runtime
 
 
 class ExportedFileModel(nn.Module):

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from robkit.export.backends import Converted, ConvertJob
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
@@ -196,3 +198,64 @@ def int8_evaluator(
         return cos(torch.from_numpy(out), torch.from_numpy(reference))
 
     return evaluate
+
+
+class OnnxBackend:
+    """ONNX behind the export protocol (``robkit.export.backends.Backend``)."""
+
+    format, runtime = "onnx", "onnxruntime"
+
+    def convert(self, job: ConvertJob) -> Converted:
+        """fp32 through the dynamo exporter; int8 as static QDQ with the mixed-precision plan."""
+        from robkit.export.int8 import SEARCH_IMAGES, plan_static_int8
+        from robkit.export.quantize import bn_to_conv, cosine, layer_sensitivity, quantizable_layers
+
+        target, module, out = job.target, job.module, job.out
+        fp32_path = out if target.precision == "fp32" else job.tmp / "fp32.onnx"
+        conversion = {"runtime": "onnxruntime", **export_onnx(module, job.example, fp32_path)}
+        plan = None
+        if target.precision == "int8":
+            assert job.search_x is not None
+            bn_map = bn_to_conv(torch.export.export(module, (job.example,)))
+            q = target.quantization
+            qkw = {
+                "activation_type": q.get("activation_type", "uint8"),
+                "per_channel": q.get("per_channel", True),
+                "op_types": ["Conv", "MatMul", "Gemm"],
+            }
+            with torch.no_grad():
+                search_ref = module(job.search_x).numpy()
+            cal = job.cal_x.numpy()
+            evaluate = int8_evaluator(fp32_path, cal, job.search_x.numpy(), search_ref, bn_map, cosine, **qkw)
+            plan = plan_static_int8(
+                evaluate,
+                lambda: layer_sensitivity(module, job.cal_x[:SEARCH_IMAGES], quantizable_layers(module)),
+                target.parity["min_cosine"],
+                job.is_vit,
+                q.get("keep_sensitive_float", True),
+            )
+            exclude = nodes_for_layers(fp32_path, plan.float_layers, bn_map)
+            quantize_onnx(fp32_path, out, cal, exclude_nodes=exclude, **qkw)
+            conversion["activation_type"] = qkw["activation_type"]
+        return Converted(conversion, plan)
+
+    def embed(self, path: Path, card: dict[str, Any], labels: list[str] | None) -> bool:
+        """The card's provenance and I/O contract as ``metadata_props`` (``robkit.*`` string entries)."""
+        from robkit.export.card import flat_metadata
+
+        write_metadata(path, flat_metadata(card))
+        return True
+
+    def run(
+        self, path: Path, job: ConvertJob, converted: Converted
+    ) -> tuple[np.ndarray, str, dict[str, Any]]:
+        """The file in onnxruntime on the parity images."""
+        return self.runner(path, torch.get_num_threads()).run_batches(job.par_x.numpy()), "", {}
+
+    def runner(self, path: Path, threads: int) -> OnnxRunner:
+        """An onnxruntime CPU session."""
+        return OnnxRunner(path, threads)
+
+    def read_back(self, path: Path) -> dict[str, Any]:
+        """``metadata_props`` as onnxruntime's ``modelmeta.custom_metadata_map`` shows them."""
+        return dict(read_metadata(path))

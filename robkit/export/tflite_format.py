@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robkit.export.backends import Converted, ConvertJob
 from robkit.utils.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -290,3 +291,70 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
             raw = model.Buffers(m.Buffer()).DataAsNumpy()
             return json.loads(bytes(raw).decode())
     return None
+
+
+class TFLiteBackend:
+    """TFLite / LiteRT behind the export protocol (``robkit.export.backends.Backend``)."""
+
+    format, runtime = "tflite", "litert"
+
+    def convert(self, job: ConvertJob) -> Converted:
+        """litert-torch fp32; fp16 and dynamic int8 by ai-edge-quantizer; static int8 by PT2E."""
+        from robkit.export.int8 import pt2e_static_int8
+
+        target, module, out = job.target, job.module, job.out
+        conversion: dict[str, Any] = {"runtime": "ai-edge-litert (XNNPACK)", "converter": "litert-torch"}
+        plan, simulated = None, None
+        if target.precision == "fp32":
+            convert_fp32(module, job.example, out)
+        elif target.precision == "fp16" or target.quantization.get("mode") == "dynamic":
+            convert_fp32(module, job.example, job.tmp / "fp32.tflite")
+            (convert_fp16 if target.precision == "fp16" else convert_dynamic_int8)(
+                job.tmp / "fp32.tflite", out
+            )
+            conversion["quantizer"] = "ai-edge-quantizer"
+        else:
+            assert job.search_x is not None
+            plan, gm, quantizer = pt2e_static_int8(
+                module,
+                target,
+                job.example,
+                job.cal_x,
+                job.search_x,
+                job.is_vit,
+                float_input=target.input_dtype == "float32",
+            )
+            simulated = run_torch_batch1(gm, job.par_x)
+            convert_static_int8(gm, quantizer, job.example, out)
+            conversion["quantizer"] = "litert-torch PT2E (static, per-channel)"
+        runner = TFLiteRunner(out, threads=torch.get_num_threads())
+        conversion["ops"] = op_counts(out)
+        conversion["input_dtype"] = str(runner.input_dtype)
+        scale, zero = runner.inp.get("quantization", (0.0, 0))
+        if scale:
+            conversion["input_quantization"] = {"scale": float(scale), "zero_point": int(zero)}
+        return Converted(conversion, plan, simulated)
+
+    def embed(self, path: Path, card: dict[str, Any], labels: list[str] | None) -> bool:
+        """Standard TFLite Support metadata (MediaPipe reads it), labels and the card (:func:`embed_metadata`)."""
+        return embed_metadata(path, card, labels)
+
+    def run(
+        self, path: Path, job: ConvertJob, converted: Converted
+    ) -> tuple[np.ndarray, str, dict[str, Any]]:
+        """The file in ai-edge-litert (XNNPACK) on the parity images."""
+        return self.runner(path, torch.get_num_threads()).run_batches(job.par_x.numpy()), "", {}
+
+    def runner(self, path: Path, threads: int) -> TFLiteRunner:
+        """A LiteRT interpreter."""
+        return TFLiteRunner(path, threads)
+
+    def read_back(self, path: Path) -> dict[str, Any]:
+        """The embedded card and, under ``standard``, the TFLite Support metadata MediaPipe reads."""
+        from robkit.export import tflite_metadata as TM
+
+        out: dict[str, Any] = dict(read_metadata(path) or {})
+        standard = TM.read_standard_metadata(Path(path).read_bytes())
+        if standard is not None:
+            out["standard"] = standard
+        return out
