@@ -58,6 +58,7 @@ class Record:
         return self.fields[key]
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The field ``key``, or ``default`` where the record has none."""
         return self.fields.get(key, default)
 
 
@@ -78,9 +79,11 @@ class Registry:
         return len(self.records)
 
     def names(self, pattern: str = "*") -> list[str]:
+        """Sorted names matching the shell-style wildcard ``pattern`` (case-sensitive)."""
         return sorted(n for n in self.records if fnmatch.fnmatchcase(n, pattern))
 
     def get(self, name: str) -> Record:
+        """The record called ``name``; :class:`CatalogError` with close names if there is none."""
         if name in self.records:
             return self.records[name]
         hint = did_you_mean(name, self.records)

@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def _done(run: Path) -> bool:
     return bool(prog.get("finished"))
 
 
-def _train(stage: str, out: Path, budget: Budget, fn, steps: int, **kw) -> Path:
+def _train(stage: str, out: Path, budget: Budget, fn: Callable[..., Any], steps: int, **kw: Any) -> Path:
     run = out / stage
     if _done(run):
         _log(f"{stage}: reusing {run}")
@@ -174,7 +175,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
-    def timed(name, f, *a, **k):
+    def timed(name: str, f: Callable[..., Path], *a: Any, **k: Any) -> Path:
         t = time.time()
         r = f(*a, **k)
         if not (Path(r) / "checkpoint.pt").exists() or name not in timings or time.time() - t > 5:
@@ -230,7 +231,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
     t = time.time()
     # Every trained row stands beside raw pixels and the untrained network of its architecture
     # (the run's initial weights, BatchNorm re-estimated the same way).
-    rows = (
+    rows: tuple[tuple[str, Any, bool], ...] = (
         ("pixels", "pixels", False),
         ("teacher_untrained", teacher, True),
         ("teacher", teacher, False),

@@ -18,6 +18,7 @@ BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)",
 
 
 def teachers_table() -> str:
+    """Markdown table of the teacher catalog, by family and name."""
     rows = [
         "| name | family | architecture | params (M) | GFLOPs | prototypes | reported kNN / linear |",
         "|---|---|---|---|---|---|---|",
@@ -34,6 +35,7 @@ def teachers_table() -> str:
 
 
 def recipes_table() -> str:
+    """Markdown table of every training recipe, fully resolved."""
     from robkit.engine.config import load_recipe
 
     rows = [
@@ -52,6 +54,7 @@ def recipes_table() -> str:
 
 
 def targets_table() -> str:
+    """Markdown table of the export targets, by format and name."""
     rows = [
         "| target | format | precision | layout | input | default for format | description |",
         "|---|---|---|---|---|---|---|",
@@ -68,6 +71,7 @@ def targets_table() -> str:
 
 
 def cli_reference() -> str:
+    """The ``--help`` text of every ``robkit`` sub-command, as Markdown sections."""
     from robkit.cli import main
 
     out: list[str] = []
@@ -85,7 +89,9 @@ def cli_reference() -> str:
             out.append(f"#### `{' '.join(path)}`\n\n```\n{cmd.get_help(ctx).strip()}\n```\n")
         if isinstance(cmd, click.Group):
             for name in cmd.list_commands(ctx):
-                walk(cmd.get_command(ctx, name), [*path, name], ctx)
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None  # list_commands names only existing commands
+                walk(sub, [*path, name], ctx)
 
     walk(main, ["robkit"], None)
     return "\n".join(out).rstrip()
@@ -100,6 +106,8 @@ GENERATORS = {
 
 
 def render(text: str) -> str:
+    """``text`` with every generated block replaced by its current content."""
+
     def sub(m: re.Match) -> str:
         return f"{m.group(1)}{GENERATORS[m.group(2)]()}\n{m.group(4)}"
 
@@ -107,6 +115,7 @@ def render(text: str) -> str:
 
 
 def main() -> None:
+    """Regenerate the blocks of README.md (or the file given as the first argument) in place."""
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
     text = path.read_text(encoding="utf-8")
     new = render(text)

@@ -35,6 +35,7 @@ def _curve(run: Path) -> tuple[list[int], list[float]]:
 
 
 def plot_training(runs: dict[str, str], path: Path) -> Path:
+    """Plot the loss curve of every run (``metrics.csv`` in its folder) side by side; returns ``path``."""
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for ax, (name, run) in zip(axes, runs.items()):
         steps, loss = _curve(Path(run))
@@ -50,6 +51,7 @@ def plot_training(runs: dict[str, str], path: Path) -> Path:
 
 
 def plot_accuracy(evals: dict[str, Any], path: Path) -> Path:
+    """Bar plot of kNN and linear-probe accuracy for every evaluated model; returns ``path``."""
     names = list(evals)
     knn = [evals[n]["knn"]["accuracy"] * 100 for n in names]
     lin = [evals[n].get("linear", {}).get("accuracy", float("nan")) * 100 for n in names]
@@ -128,6 +130,9 @@ def _export_table(exports: list[dict[str, Any]], bench: dict[str, Any]) -> list[
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> Path:
+    """Write ``report.md`` and ``report.html`` with their figures into ``out`` from the demo ``summary``;
+    returns the path of ``report.md``.
+    """
     out = Path(out)
     figs = {
         "curves": plot_training(summary["runs"], out / "training_curves.png"),

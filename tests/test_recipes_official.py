@@ -41,8 +41,8 @@ import pytest
 
 from robkit.catalog import registry
 from robkit.engine.build import build_views
-from robkit.engine.recipe import parse_recipe
 from robkit.engine.config import load_recipe
+from robkit.engine.recipe import parse_recipe
 from robkit.engine.schedules import lr_for_batch, min_lr_for_batch
 
 SSL = "SSLight src/config/"

@@ -1,0 +1,1 @@
+"""The built-in catalogs: export targets, training recipes and teacher declarations (YAML)."""

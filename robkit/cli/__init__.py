@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
 import click
 
@@ -31,10 +32,16 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    """A click group that imports each sub-command's module only when the command is used."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The names of every sub-command, sorted."""
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """The command ``name`` imported from its module, a stand-in that explains why it is unavailable
+        when a third-party package is missing, or ``None`` for an unknown name.
+        """
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name].split(":")
@@ -51,7 +58,8 @@ class LazyGroup(click.Group):
 
             return unavailable
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the group, turning a :class:`RobkitError` into a one-line ``click`` error unless --debug."""
         try:
             return super().invoke(ctx)
         except RobkitError as e:

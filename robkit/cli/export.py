@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from robkit.cli import clean_error
 from robkit.export.targets import FORMATS
 from robkit.utils.errors import RobkitError
+
+if TYPE_CHECKING:
+    from robkit.export.exporter import ExportResult
 
 
 def _quiet_converters() -> None:
@@ -50,18 +54,18 @@ def _quiet_converters() -> None:
 @click.option("--calibration-images", type=int, help="Number of calibration images (int8).")
 @click.option("--parity-images", type=int, help="Number of held-out images for the parity check.")
 def export(
-    checkpoint,
-    fmt,
-    precision,
-    target,
-    out,
-    probe_file,
-    resolution,
-    layout,
-    input_dtype,
-    data,
-    calibration_images,
-    parity_images,
+    checkpoint: str,
+    fmt: str | None,
+    precision: str | None,
+    target: str | None,
+    out: str | None,
+    probe_file: str | None,
+    resolution: int | None,
+    layout: str | None,
+    input_dtype: str | None,
+    data: str | None,
+    calibration_images: int | None,
+    parity_images: int | None,
 ) -> None:
     """Convert a student CHECKPOINT to a mobile file, check parity, write its card.
 
@@ -104,7 +108,7 @@ def export(
     _summary(res, res.skipped)
 
 
-def _summary(res, skipped: list[str]) -> None:
+def _summary(res: ExportResult, skipped: list[str]) -> None:
     card = res.card
     click.echo(f"\nwrote {res.path}  ({card['file_bytes'] / 1e6:.2f} MB, sha256 {card['file_sha256'][:12]}…)")
     click.echo(f"  card     {res.card_path}")
@@ -158,7 +162,17 @@ def _summary(res, skipped: list[str]) -> None:
     help="On-device results (TFLite benchmark_model output or JSON rows) to add to the table.",
 )
 @click.option("--update-cards/--no-update-cards", default=True, help="Store latency in each file's card.")
-def bench(paths, checkpoint, threads, rounds, warmup, json_out, plot_out, merge, update_cards) -> None:
+def bench(
+    paths: tuple[str, ...],
+    checkpoint: str | None,
+    threads: str,
+    rounds: int,
+    warmup: int,
+    json_out: str | None,
+    plot_out: str | None,
+    merge: tuple[str, ...],
+    update_cards: bool,
+) -> None:
     """Latency of exported files (median/p90, interleaved), size, MACs and GFLOP/s vs the CPU's peak."""
     _quiet_converters()
     from robkit.export import bench as B

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
 from robkit.cli import clean_error
 
 
-def _fmt(v, spec: str = "") -> str:
+def _fmt(v: Any, spec: str = "") -> str:
     return "?" if v is None else format(v, spec)
 
 
@@ -197,11 +198,28 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
 @click.option("--max-shards", type=int, default=None, help="Stop after building N shards (resumable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def cache_cmd(
-    teacher, data, epochs, out, student, recipe, batch_size, sets, seed, data_limit, form, k, patches,
-    dtype, shard_steps, device, max_shards, quiet,
-) -> None:  # fmt: skip
+    teacher: str,
+    data: str,
+    epochs: int,
+    out: str,
+    student: str,
+    recipe: str,
+    batch_size: int | None,
+    sets: tuple[str, ...],
+    seed: int,
+    data_limit: int | None,
+    form: str,
+    k: int,
+    patches: bool | None,
+    dtype: str,
+    shard_steps: int,
+    device: str,
+    max_shards: int | None,
+    quiet: bool,
+) -> None:
     """Pre-compute a teacher's RoB targets for `robkit distill --teacher-cache` (resumable; torchrun
-    splits the shards over processes)."""
+    splits the shards over processes).
+    """
     from robkit.catalog import CatalogError
     from robkit.engine.config import parse_overrides
     from robkit.engine.teacher_cache import CacheForm, build_cache

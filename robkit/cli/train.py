@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -17,7 +19,7 @@ from robkit.utils.errors import RobkitError
 from robkit.utils.files import atomic_write_json
 
 
-def _engine_options(f):
+def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option(
             "--data",
@@ -97,7 +99,14 @@ def _engine_options(f):
     return f
 
 
-def _overrides(epochs, batch_size, sets, precision, compile_, channels_last) -> dict:
+def _overrides(
+    epochs: int | None,
+    batch_size: int | None,
+    sets: tuple[str, ...],
+    precision: str | None,
+    compile_: bool | None,
+    channels_last: bool | None,
+) -> dict:
     ov = parse_overrides(list(sets))
     train = ov.setdefault("train", {})
     for key, val in (
@@ -112,7 +121,14 @@ def _overrides(epochs, batch_size, sets, precision, compile_, channels_last) -> 
     return ov
 
 
-def _engine_kwargs(workers, checkpoint_every, max_steps, time_budget, seed, quiet) -> dict:
+def _engine_kwargs(
+    workers: int,
+    checkpoint_every: int,
+    max_steps: int | None,
+    time_budget: float | None,
+    seed: int,
+    quiet: bool,
+) -> dict:
     return {
         "num_workers": workers,
         "checkpoint_every_steps": checkpoint_every,
@@ -157,7 +173,7 @@ def _finish(metrics: dict, out_dir: Path, data: str, do_eval: bool, eval_limit: 
     click.echo(f"  robkit export {ckpt} --format tflite")
 
 
-def _launch(fn, o: dict, **what) -> None:
+def _launch(fn: Callable[..., tuple[dict[str, Any], Path]], o: dict, **what: Any) -> None:
     """Run ``pretrain``/``distill`` with the shared engine options ``o`` and print the summary."""
     metrics, out_dir = _run(
         fn,
@@ -177,7 +193,7 @@ def _launch(fn, o: dict, **what) -> None:
     _finish(metrics, out_dir, o["data"], o["do_eval"], o["eval_limit"])
 
 
-def _run(fn, **kw):
+def _run(fn: Callable[..., tuple[dict[str, Any], Path]], **kw: Any) -> tuple[dict[str, Any], Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from robkit.utils.distributed import init_from_env
 
@@ -200,7 +216,7 @@ _student_option = click.option(
     help="'sslight' or 'baseline' (picked per method and student), or a full recipe name.",
 )
 @_engine_options
-def pretrain(method, student, recipe, **opts):
+def pretrain(method: str, student: str, recipe: str, **opts: Any) -> None:
     """Self-supervised pre-training of a small student without a teacher (SSLight)."""
     from robkit.engine.build import pretrain as run
 
@@ -228,7 +244,7 @@ def pretrain(method, student, recipe, **opts):
     "global views and runs only the teacher's head.",
 )
 @_engine_options
-def distill(teacher, student, recipe, teacher_cache, **opts):
+def distill(teacher: str, student: str, recipe: str, teacher_cache: str | None, **opts: Any) -> None:
     """RoB distillation: a frozen self-supervised teacher replaces one branch."""
     from robkit.engine.build import distill as run
 
@@ -236,13 +252,13 @@ def distill(teacher, student, recipe, teacher_cache, **opts):
 
 
 @click.group()
-def recipes():
+def recipes() -> None:
     """The training recipes (the papers' settings as data)."""
 
 
 @recipes.command("list")
 @click.argument("pattern", default="*")
-def recipes_list(pattern):
+def recipes_list(pattern: str) -> None:
     """List recipes, optionally filtered by a wildcard PATTERN (e.g. 'rob-*')."""
     reg = registry("recipes")
     names = reg.names(pattern)
@@ -260,7 +276,7 @@ def recipes_list(pattern):
 
 @recipes.command("show")
 @click.argument("name")
-def recipes_show(name):
+def recipes_show(name: str) -> None:
     """Print the fully resolved recipe NAME as YAML."""
     try:
         click.echo(yaml.safe_dump(load_recipe(name), sort_keys=False))

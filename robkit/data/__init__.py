@@ -1,0 +1,1 @@
+"""Data sets and the multi-crop views SSL training draws from them."""

@@ -13,11 +13,13 @@ import hashlib
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -59,7 +61,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path} is not an idx file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, npt.DTypeLike] = {
+        0x08: np.uint8,
+        0x09: np.int8,
+        0x0B: ">i2",
+        0x0C: ">i4",
+        0x0D: ">f4",
+        0x0E: ">f8",
+    }
     if dtype_code not in dtypes:
         raise DataError(f"{path}: unknown idx element type 0x{dtype_code:02x}")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
@@ -70,6 +79,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the Fashion-MNIST idx files: ``root``, ``$ROBKIT_FASHION_MNIST`` or the
+    system data set; :class:`DataError` if none has them.
+    """
     candidates = [Path(root)] if root else []
     if os.environ.get("ROBKIT_FASHION_MNIST"):
         candidates.append(Path(os.environ["ROBKIT_FASHION_MNIST"]))
@@ -104,7 +116,7 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
@@ -112,9 +124,11 @@ class ImageTensorDataset(torch.utils.data.Dataset):
 
     @property
     def canvas_px(self) -> int:
+        """Side of the square images in px."""
         return int(self.images.shape[-1])
 
     def valid_hw(self, i: int) -> tuple[int, int]:
+        """``(h, w)`` of image ``i`` on the canvas: the whole canvas."""
         return self.canvas_px, self.canvas_px
 
     def subset(self, n: int, seed: int = 0) -> ImageTensorDataset:
@@ -179,21 +193,23 @@ class ImageFolder(torch.utils.data.Dataset):
 
     @property
     def labels(self) -> torch.Tensor:
+        """``int64 [N]`` class index of every file (``-1`` outside class sub-folders)."""
         return torch.tensor([c for _, c in self.files], dtype=torch.long)
 
     def _load(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
+        im: Image.Image
         with Image.open(path) as im:
             im = im.convert("RGB")
             w, h = im.size
             s = self.canvas_px / max(w, h)
             nw, nh = max(1, round(w * s)), max(1, round(h * s))
-            im = im.resize((nw, nh), Image.BICUBIC)
+            im = im.resize((nw, nh), Image.BICUBIC)  # type: ignore[attr-defined]  # set at runtime
             arr = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
         canvas = torch.zeros(3, self.canvas_px, self.canvas_px, dtype=torch.uint8)
         canvas[:, :nh, :nw] = arr
         return canvas, (nh, nw)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label, _ = self.get_with_hw(i)
         return img, label
 
@@ -218,7 +234,7 @@ def open_dataset(
     split: str = "train",
     limit: int | None = None,
     canvas_px: int = 256,
-):
+) -> ImageTensorDataset | ImageFolder:
     """``"fashion-mnist"`` (the embedded default), a folder of idx files, or a folder of images."""
     spec_s = str(spec)
     if spec_s in ("fashion-mnist", "fashion_mnist", "fmnist"):
@@ -234,7 +250,9 @@ def open_dataset(
     return ds
 
 
-def to_model_input(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+def to_model_input(
+    images: torch.Tensor, size: int, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` → float ``[B, 3, size, size]`` resized (bilinear, antialiased) and normalised."""
     x = images.float().div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
@@ -244,7 +262,7 @@ def to_model_input(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def data_fingerprint(ds) -> dict[str, Any]:
+def data_fingerprint(ds: Any) -> dict[str, Any]:
     """``{"name", "images", "sha256"}``: pixels of in-memory data sets; path, size and mtime of files."""
     h = hashlib.sha256()
     if hasattr(ds, "images") and isinstance(ds.images, torch.Tensor):

@@ -57,6 +57,7 @@ class CropParams:
     solarize: torch.Tensor  # bool [B]
 
     def index(self, idx: torch.Tensor) -> CropParams:
+        """The parameters of the images ``idx`` (rows selected from every tensor)."""
         return CropParams(
             self.boxes[idx],
             self.flip[idx],
@@ -80,6 +81,8 @@ class CropParams:
 
 @dataclass
 class ViewParams:
+    """The drawn parameters of every crop of one batch, one :class:`CropParams` per crop index."""
+
     crops: list[CropParams]
 
 
@@ -120,9 +123,11 @@ class MultiCropViews:
 
     @property
     def n_crops(self) -> int:
+        """Number of crops per image, global and local."""
         return self.n_global + self.n_local
 
     def crop_size(self, c: int) -> int:
+        """Side in px of crop ``c`` (global crops first, then local)."""
         return self.global_size_px if c < self.n_global else self.local_size_px
 
     def _per_view(self, values: tuple[float, ...] | float, c: int) -> float:
@@ -151,6 +156,7 @@ class MultiCropViews:
         return torch.stack([x0, y0, x0 + cw_sel, y0 + ch_sel], dim=1)
 
     def sample_crop(self, c: int, valid_hw: torch.Tensor, g: torch.Generator) -> CropParams:
+        """Draw the parameters of crop ``c`` for a batch; ``valid_hw`` is ``long [B, 2]``."""
         b = valid_hw.shape[0]
         is_global = c < self.n_global
         scale = self.global_scale if is_global else self.local_scale
@@ -231,7 +237,12 @@ class MultiCropViews:
         s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return [(vk - m) / s for vk in views]
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator, valid_hw: torch.Tensor | None = None):
+    def __call__(
+        self, images: torch.Tensor, g: torch.Generator, valid_hw: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], ViewParams]:
+        """Draw and render every crop of a batch: ``(views, params)``; ``valid_hw`` defaults to the
+        whole images.
+        """
         if valid_hw is None:
             valid_hw = torch.tensor([[images.shape[-2], images.shape[-1]]]).expand(images.shape[0], 2)
         params = self.sample(valid_hw, g)

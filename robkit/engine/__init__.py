@@ -1,0 +1,1 @@
+"""The training engine: recipes, tasks, the trainer and their building blocks."""

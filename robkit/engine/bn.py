@@ -11,7 +11,8 @@ fixes the eval-mode network without touching any learned weight.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ PRECISE_BN_IMAGES = 2048  # clean training images for the BatchNorm re-estimate
 
 
 def has_batchnorm(model: nn.Module) -> bool:
+    """True if ``model`` holds any BatchNorm layer."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -45,8 +47,8 @@ def precise_bn(
     model: nn.Module,
     images: torch.Tensor,
     resolution: int,
-    mean,
-    std,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     batch_size: int = 256,
     inplace: bool = False,
 ) -> nn.Module:
@@ -65,7 +67,7 @@ def precise_bn(
     return recompute_bn_stats_(net, (x for x in batches if x.shape[0] > 1))
 
 
-def precise_bn_images(dataset, n: int = PRECISE_BN_IMAGES, seed: int = 0) -> torch.Tensor:
+def precise_bn_images(dataset: Any, n: int = PRECISE_BN_IMAGES, seed: int = 0) -> torch.Tensor:
     """The uint8 ``[n, 3, H, W]`` images that re-estimate BatchNorm: a seeded random subset.
 
     One selection for trained runs (the trainer) and untrained baselines (evaluation), so both
@@ -80,7 +82,13 @@ def precise_bn_images(dataset, n: int = PRECISE_BN_IMAGES, seed: int = 0) -> tor
 
 
 def precise_bn_from_dataset(
-    model: nn.Module, dataset, resolution: int, mean, std, n: int = PRECISE_BN_IMAGES, seed: int = 0
+    model: nn.Module,
+    dataset: Any,
+    resolution: int,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    n: int = PRECISE_BN_IMAGES,
+    seed: int = 0,
 ) -> nn.Module:
     """A copy of ``model`` with BatchNorm statistics of ``n`` clean images of ``dataset``."""
     return precise_bn(model, precise_bn_images(dataset, n, seed), resolution, mean, std)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import yaml
@@ -32,11 +33,14 @@ from robkit.engine.recipe import (
 from robkit.engine.tasks import DINOTask, MoCoTask, RoBTask, SwAVTask, Task, rob_student_head
 from robkit.engine.trainer import CheckpointMeta, Trainer, TrainOptions
 from robkit.models.checkpoint import load_student
-from robkit.models.heads import build_head
+from robkit.models.heads import DINOHead, MLPHead, SwAVHead, build_head
 from robkit.models.students import STUDENTS, Student, build_student
-from robkit.teachers.teacher import TeacherLoadError
+from robkit.teachers.teacher import Teacher, TeacherLoadError
 from robkit.utils.errors import RecipeError, RunExistsError
 from robkit.utils.files import CheckpointError, atomic_write_text, sha256_file
+
+if TYPE_CHECKING:
+    from robkit.engine.teacher_cache import CachedTargets
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,15 @@ METHODS = ("dino", "swav", "mocov2")
 SMALL_IMAGE_PX = 64  # data sets whose images are at most this size get the "-small" recipes
 
 
-def build_views(views: MultiCropViews, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> MultiCropViews:
+def build_views(
+    views: MultiCropViews, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> MultiCropViews:
     """The recipe's views with the data's normalisation (ImageNet's unless given)."""
-    return dataclasses.replace(views, mean=tuple(mean), std=tuple(std))
+    return dataclasses.replace(
+        views,
+        mean=cast("tuple[float, float, float]", tuple(mean)),
+        std=cast("tuple[float, float, float]", tuple(std)),
+    )
 
 
 PRETRAIN_HEADS = {"dino": "DINOHead", "swav": "SwAVHead", "mocov2": "MLPHead"}
@@ -84,10 +94,12 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
 
         head = pretrain_head(method, d, head_spec)
         out_dim = _required(recipe, "head", head_spec.out_dim, "out_dim")
-        loss = DINOLoss(out_dim, n_global=n_global, n_local=n_local, n_epochs=epochs, **_kwargs(loss_spec))
+        loss: nn.Module = DINOLoss(
+            out_dim, n_global=n_global, n_local=n_local, n_epochs=epochs, **_kwargs(loss_spec)
+        )
         return DINOTask(
             student,
-            head,
+            cast(DINOHead, head),
             loss,
             n_global=n_global,
             freeze_last_layer_epochs=recipe.optim.freeze_last_layer_epochs,
@@ -104,7 +116,9 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
             n_local=n_local,
             **_kwargs(loss_spec),
         )
-        return SwAVTask(student, head, loss, recipe.optim.freeze_prototypes_epochs, channels_last)
+        return SwAVTask(
+            student, cast(SwAVHead, head), loss, recipe.optim.freeze_prototypes_epochs, channels_last
+        )
     if isinstance(loss_spec, MoCoLossSpec):
         from robkit.objectives.mocov2 import MoCoV2Loss
 
@@ -116,7 +130,11 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
         dim = _required(recipe, "head", head_spec.out_dim, "out_dim")  # the loss works on the head's output
         loss = MoCoV2Loss(dim=dim, n_local=n_local, **_kwargs(loss_spec))
         return MoCoTask(
-            student, head, loss, key_momentum=recipe.ema.key_momentum, channels_last=channels_last
+            student,
+            cast(MLPHead, head),
+            loss,
+            key_momentum=recipe.ema.key_momentum,
+            channels_last=channels_last,
         )
     raise RecipeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
@@ -129,7 +147,7 @@ def _kwargs(spec: Any) -> dict[str, Any]:
 HEAD_FAMILIES = {"DINOHead": "dino", "iBOTHead": "ibot", "SwAVHead": "swav", "MSNHead": "msn"}
 
 
-def teacher_head_family(teacher) -> str:
+def teacher_head_family(teacher: Any) -> str:
     """The RoB loss family of a teacher: its own family, or for a robkit teacher its head's."""
     fam = getattr(teacher, "family", "")
     if fam in ("dino", "ibot", "msn", "swav"):
@@ -145,13 +163,13 @@ def teacher_head_family(teacher) -> str:
 
 
 def build_rob_task(
-    teacher,
+    teacher: Teacher,
     family: str,
     student: Student,
     recipe: Recipe,
     channels_last: bool,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> RoBTask:
     """The RoB task: the frozen ``teacher``, a fresh student head of its kind and the family's loss."""
     from robkit.objectives.rob import build_rob_loss
@@ -192,7 +210,7 @@ def teacher_resolution(setting: str | int | None, views: MultiCropViews) -> int 
     if setting == "student":
         return int(views.global_size_px)
     try:
-        return int(setting)  # type: ignore[arg-type]
+        return int(setting)
     except ValueError:
         raise RecipeError(
             f"rob.teacher_resolution must be native, student or a size in pixels, got {setting!r}"
@@ -236,7 +254,7 @@ def resolve_run_config(
     return resolve_config(method, student_arch, recipe, overrides or {}, small)
 
 
-def _dataset(data, limit: int | None):
+def _dataset(data: Any, limit: int | None) -> Any:
     """A data-set spec (see ``open_dataset``) or an already built data set."""
     if isinstance(data, (str, Path)):
         return open_dataset(data, "train", limit=limit)
@@ -303,7 +321,7 @@ def distill(
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
     data_limit: int | None = None,
-    teacher_obj=None,
+    teacher_obj: Teacher | None = None,
     teacher_cache: str | Path | None = None,
     init: str | Path | None = None,
     **engine: Any,
@@ -343,14 +361,16 @@ def distill(
     return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine, source, init_rec)
 
 
-def _fingerprint(ds) -> dict[str, Any] | None:
+def _fingerprint(ds: Any) -> dict[str, Any] | None:
     try:
         return data_fingerprint(ds)
     except DataError:  # a data set type that cannot be fingerprinted: resume checks the rest
         return None
 
 
-def _initial_student(arch: str, cfg: Recipe, seed: int, init) -> tuple[Student, dict | None]:
+def _initial_student(
+    arch: str, cfg: Recipe, seed: int, init: str | Path | None
+) -> tuple[Student, dict | None]:
     """The run's seeded initial student (the same seed gives the same weights), or ``--init``'s weights."""
     torch.manual_seed(seed)
     vit_drop = STUDENTS[arch].kind == "vit" and cfg.train.drop_path
@@ -370,25 +390,25 @@ def init_from_checkpoint(student: nn.Module, path: str | Path) -> dict[str, Any]
             f"--init {path}: its student is {arch!r}, this run trains {getattr(student, 'arch', '?')!r}; "
             f"pass --student {arch} or a checkpoint of the same student"
         )
-    student.backbone.load_state_dict(src.backbone.state_dict())
+    cast(nn.Module, student.backbone).load_state_dict(src.backbone.state_dict())
     return {"path": str(path), "sha256": sha256_file(path), "method": meta.get("method")}
 
 
-def _spec(data) -> str:
+def _spec(data: Any) -> str:
     return str(data) if isinstance(data, (str, Path)) else getattr(data, "name", type(data).__name__)
 
 
 def _fit(
     task: Task,
     cfg: Recipe,
-    ds,
+    ds: Any,
     data: str,
     out_dir: Path,
     kind: str,
-    teacher_rec,
+    teacher_rec: dict[str, Any] | None,
     resume: bool,
     engine: dict[str, Any],
-    target_source=None,
+    target_source: CachedTargets | None = None,
     init_rec: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     views = build_views(cfg.views)

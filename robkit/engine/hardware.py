@@ -12,6 +12,7 @@ from robkit.utils.errors import RecipeError
 
 @cache
 def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo``; empty where it cannot be read or has no flags line."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -29,10 +30,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_device() -> torch.device:
+    """CUDA where available, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def has_depthwise_conv(model: torch.nn.Module | None) -> bool:
+    """True if ``model`` (``None``: False) has a depthwise ``Conv2d`` (``groups == in_channels > 1``)."""
     return model is not None and any(
         isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules()
     )
@@ -41,7 +44,8 @@ def has_depthwise_conv(model: torch.nn.Module | None) -> bool:
 def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> str:
     """``auto`` → bf16 on CUDA with bf16, fp16 on older CUDA; on a CPU, bf16 where it runs natively
     unless the model is built from depthwise convolutions (MobileNets), whose bf16 kernels train
-    slower than fp32 on CPU (BENCHMARKS.md, training throughput); else fp32."""
+    slower than fp32 on CPU (BENCHMARKS.md, training throughput); else fp32.
+    """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise RecipeError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision != "auto":
@@ -54,10 +58,12 @@ def resolve_precision(precision: str, device: torch.device, model: torch.nn.Modu
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision: bf16 or fp16, ``None`` for fp32 (no autocast)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else all)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

@@ -62,6 +62,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        """One LARS update of every parameter with a gradient; returns ``closure()``'s loss, or ``None``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

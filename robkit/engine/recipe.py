@@ -30,7 +30,8 @@ _VIEW_INTERNAL = ("mean", "std", "_tries")
 class HeadSpec:
     """The projection head. ``type`` names the head class (pre-training: fixed by the method; RoB:
     ``teacher`` for the teacher's kind or ``mlp`` for Table 6's MLP head); unset fields keep the
-    head's own defaults."""
+    head's own defaults.
+    """
 
     type: str | None = None
     out_dim: int | None = None
@@ -119,7 +120,8 @@ LOSS_SPECS: dict[str, type] = {
 @dataclass(frozen=True)
 class OptimSpec:
     """Optimiser and learning-rate schedule. ``base_lr``, ``min_lr`` and ``start_warmup_lr`` are per 256
-    images (``min_lr`` unscaled unless ``min_lr_batch`` is set); warm-ups and freezes are in epochs."""
+    images (``min_lr`` unscaled unless ``min_lr_batch`` is set); warm-ups and freezes are in epochs.
+    """
 
     name: str
     base_lr: float
@@ -145,7 +147,8 @@ class OptimSpec:
 @dataclass(frozen=True)
 class EMASpec:
     """Momentum of the EMA teacher (DINO: cosine ``momentum`` → ``momentum_end``) and of MoCo's key
-    encoder (``key_momentum``)."""
+    encoder (``key_momentum``).
+    """
 
     momentum: float = 0.0
     momentum_end: float | None = None
@@ -172,7 +175,8 @@ class TrainSpec:
 @dataclass(frozen=True)
 class RoBSpec:
     """Distillation settings: the teacher's input resolution (``native``, ``student`` or pixels), its
-    precision, iBOT masking and MSN patch drop."""
+    precision, iBOT masking and MSN patch drop.
+    """
 
     teacher_resolution: str | int = "native"
     teacher_precision: str = "auto"

@@ -65,6 +65,7 @@ class RunLog:
             self.tb = None
 
     def plot(self, path: Path | None = None, title: str = "") -> Path | None:
+        """Plot the rows so far (default: ``curves.png`` beside the CSV); the PNG's path, or ``None``."""
         return plot_curves(self.rows, path or self.path.with_name("curves.png"), title)
 
 

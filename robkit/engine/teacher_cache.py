@@ -40,7 +40,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ from robkit.data.datasets import DataError, data_fingerprint
 from robkit.data.views import CropParams, ViewParams
 from robkit.engine.recipe import Recipe, RoBSpec
 from robkit.engine.trainer import epoch_order
-from robkit.teachers.teacher import TeacherOutput
+from robkit.teachers.teacher import Teacher, TeacherOutput
 from robkit.utils.errors import RecipeError, RobkitError
 from robkit.utils.files import atomic_save, atomic_write_json, safe_load, sha256_file, sha256_json
 
@@ -106,6 +106,7 @@ def _teacher_temperature(cfg: Recipe) -> float:
 
 
 def cache_key(teacher_sha256: str, recipe_fp: dict, data_fp: dict, seed: int, batch_size: int) -> str:
+    """The cache key: sha256 of format, teacher sha256, recipe fingerprint, data sha256, seed, batch."""
     return sha256_json(
         {
             "format": CACHE_FORMAT,
@@ -121,7 +122,7 @@ def cache_key(teacher_sha256: str, recipe_fp: dict, data_fp: dict, seed: int, ba
 # ------------------------------------------------------------------------------ views
 
 
-def _load_batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_batch(ds: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(uint8 [B, 3, S, S], valid_hw long [B, 2])`` as the trainer reads them."""
     if hasattr(ds, "images") and isinstance(ds.images, torch.Tensor):
         x = ds.images[idx]
@@ -145,6 +146,7 @@ def pack_params(crops: list[CropParams]) -> dict[str, torch.Tensor]:
 
 
 def unpack_params(p: dict[str, torch.Tensor]) -> list[CropParams]:
+    """Inverse of :func:`pack_params`: one ``CropParams`` per global crop."""
     n = p["boxes"].shape[0]
     return [CropParams(**{f: p[f][c] for f in PARAM_FIELDS}) for c in range(n)]
 
@@ -162,7 +164,7 @@ def compress(teacher: nn.Module, emb: torch.Tensor, form: CacheForm) -> dict[str
     if form.form == "embedding":
         kept = emb if (form.patches or emb.dim() == 2) else emb[:, 0]
         return {"embedding": kept.to(dtype)}
-    out = teacher.head_forward(emb if form.patches else (emb[:, 0] if emb.dim() == 3 else emb))
+    out = cast(Teacher, teacher).head_forward(emb if form.patches else (emb[:, 0] if emb.dim() == 3 else emb))
     k = min(form.k, out.logits.shape[-1])
     v, i = out.logits.float().topk(k, dim=-1)
     res = {"topk_values": v.to(dtype), "topk_index": i.int()}
@@ -181,8 +183,8 @@ def _dense(values: torch.Tensor, index: torch.Tensor, k_total: int) -> torch.Ten
 def expand(teacher: nn.Module, stored: dict[str, torch.Tensor]) -> TeacherOutput:
     """Stored targets → the ``TeacherOutput`` the RoB task consumes (running the frozen head if needed)."""
     if "embedding" in stored:
-        return teacher.head_forward(stored["embedding"].float())
-    k_total = int(teacher.num_prototypes)
+        return cast(Teacher, teacher).head_forward(stored["embedding"].float())
+    k_total = int(cast(Teacher, teacher).num_prototypes)
     logits = _dense(stored["topk_values"], stored["topk_index"], k_total)
     patch = None
     if "patch_topk_values" in stored:
@@ -211,6 +213,7 @@ def shard_done(root: Path, key: str, epoch: int, first_step: int) -> bool:
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """The cache's ``manifest.json``; :class:`CacheMismatch` if ``root`` holds none."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise CacheMismatch(
@@ -221,6 +224,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_shard(root: Path, key: str, epoch: int, first_step: int, shard: dict[str, Any]) -> None:
+    """Write ``shard`` atomically, then its ``.json`` side file (key, sha256, steps) that marks it done."""
     path = atomic_save(shard, root / _shard_name(epoch, first_step))
     atomic_write_json(
         path.with_suffix(".json"), {"key": key, "sha256": sha256_file(path), "steps": shard["steps"]}
@@ -288,7 +292,7 @@ def build_cache(
     from robkit.engine.trainer import step_generator
     from robkit.models.students import STUDENTS
 
-    tch = teacher_obj if teacher_obj is not None else zoo.load(teacher)
+    tch = cast(Teacher, teacher_obj) if teacher_obj is not None else zoo.load(teacher)
     family = teacher_head_family(tch)
     ds = _dataset(data, data_limit)
     cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
@@ -481,7 +485,7 @@ def open_cache(
     root: str | os.PathLike,
     teacher: nn.Module,
     cfg: Recipe,
-    ds,
+    ds: Any,
     seed: int,
     needs_patches: bool = False,
 ) -> CachedTargets:

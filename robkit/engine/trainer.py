@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from robkit.engine.tasks import Task
 from robkit.models.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.utils import distributed as dist_utils
 from robkit.utils.errors import RecipeError, ResumeMismatch, RobkitError
+
+if TYPE_CHECKING:
+    from robkit.engine.teacher_cache import CachedTargets
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +132,13 @@ def step_generator(seed: int, global_step: int) -> torch.Generator:
 class _HWDataset(torch.utils.data.Dataset):
     """Adapter yielding ``(canvas, (h, w), newly skipped files)`` from any robkit data set."""
 
-    def __init__(self, ds) -> None:
+    def __init__(self, ds: Any) -> None:
         self.ds = ds
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         if hasattr(self.ds, "get_with_hw"):
             before = set(self.ds.skipped)
             img, _, hw = self.ds.get_with_hw(i)
@@ -143,7 +147,9 @@ class _HWDataset(torch.utils.data.Dataset):
         return img, torch.tensor([img.shape[-2], img.shape[-1]]), []
 
 
-def _collate(items):
+def _collate(
+    items: list[tuple[torch.Tensor, torch.Tensor, list[str]]],
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     imgs = torch.stack([it[0] for it in items])
     hw = torch.stack([it[1] for it in items])
     skipped = [p for it in items for p in it[2]]
@@ -156,7 +162,7 @@ class _BatchPlan(torch.utils.data.Sampler):
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -166,19 +172,23 @@ class _BatchPlan(torch.utils.data.Sampler):
 class Trainer:
     """Runs a ``Task`` over a data set with a ``MultiCropViews`` sampler and a recipe's optimiser."""
 
+    _loader: torch.utils.data.DataLoader | None
+    _batch_plan: _BatchPlan
+
     def __init__(
         self,
         task: Task,
         views: MultiCropViews,
-        dataset,
+        dataset: Any,
         optim: OptimSpec,
         ema: EMASpec,
         opts: TrainOptions,
         meta: CheckpointMeta,
-        target_source=None,
+        target_source: CachedTargets | None = None,
     ) -> None:
         """``target_source``: cached teacher targets (``robkit.engine.teacher_cache.CachedTargets``) that
-        replace the global views' parameters and the teacher's outputs of every step."""
+        replace the global views' parameters and the teacher's outputs of every step.
+        """
         self.task, self.views, self.dataset = task, views, dataset
         self.target_source = target_source
         self.optim, self.ema, self.opts, self.meta = optim, ema, opts, meta
@@ -275,10 +285,11 @@ class Trainer:
             lr=base_lr,
             weight_decay=cfg.weight_decay,
             momentum=cfg.momentum,
-            **(
+            **cast(
+                "dict[str, Any]",
                 {"trust_coefficient": cfg.trust_coefficient}
                 if cfg.name == "lars" and cfg.trust_coefficient is not None
-                else {}
+                else {},
             ),
         )
         spe, total = self.steps_per_epoch, self.total_steps
@@ -333,7 +344,9 @@ class Trainer:
             kind=meta.kind,
             method=task.method,
             student=meta.student,
-            backbone={k: v.detach().cpu() for k, v in backbone.backbone.state_dict().items()},
+            backbone={
+                k: v.detach().cpu() for k, v in cast(nn.Module, backbone.backbone).state_dict().items()
+            },
             head=head_rec,
             teacher=meta.teacher,
             normalization=meta.normalization,
@@ -405,6 +418,7 @@ class Trainer:
             )
         self._batch_plan.batches = batches.tolist()
         loader = self._loader
+        assert loader is not None  # built above, or on an earlier epoch
         for imgs, hw, skipped in loader:
             for p in skipped:
                 self.skipped.add(p)
@@ -420,6 +434,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the end (or ``max_steps`` / ``max_seconds``), checkpointing; returns the final metrics.
+
+        ``resume``: continue the run's checkpoint exactly (see :meth:`check_resume`).
+        """
         self._build()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.skipped: set[str] = set()
@@ -527,7 +545,9 @@ class Trainer:
             self._close_loader()
         return metrics
 
-    def _step(self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp):
+    def _step(
+        self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp: torch.dtype | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         g = step_generator(self.opts.seed, gstep)
         step_in_epoch = gstep - epoch * self.steps_per_epoch
         self.task.reseed(_mix_seed(self.opts.seed, gstep, self.rank, 31))

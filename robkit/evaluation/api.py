@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ def _is_folder_of_images(data: str) -> bool:
 
 def open_eval_splits(
     data: str | os.PathLike, train_limit: int | None, test_limit: int | None, canvas_px: int
-):
+) -> tuple[Any, Any]:
     """``(train, test)`` data sets: Fashion-MNIST train/test, or a folder's ``train/`` and ``test/`` (or ``val/``)."""
     data = str(data)
     if not _is_folder_of_images(data):
@@ -76,7 +76,7 @@ class NoLabelsError(DataError):
     """The data set has no class labels (a flat folder), so it cannot be evaluated."""
 
 
-def _require_labels(ds, what: str) -> torch.Tensor:
+def _require_labels(ds: Any, what: str) -> torch.Tensor:
     labels = dataset_labels(ds)
     if labels.numel() == 0 or bool((labels < 0).any()):
         raise NoLabelsError(
@@ -95,9 +95,16 @@ def untrained_student(arch: str, kwargs: dict[str, Any] | None = None, seed: int
         return build_student(arch, **(kwargs or {})).eval()
 
 
-def _resolve_untrained(spec, resolution, mean, std, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+def _resolve_untrained(
+    spec: Any,
+    resolution: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    seed: int,
+) -> tuple[nn.Module, dict[str, Any]]:
     """``untrained:ARCH`` or a checkpoint whose architecture, size and normalisation are kept."""
-
+    kwargs: dict[str, Any]
+    meta: dict[str, Any]
     if isinstance(spec, str) and spec.startswith(UNTRAINED):
         arch, kwargs, meta = spec[len(UNTRAINED) :], {}, {}
         if not arch:
@@ -121,7 +128,13 @@ def _resolve_untrained(spec, resolution, mean, std, seed: int) -> tuple[nn.Modul
     return untrained_student(arch, kwargs, seed), info
 
 
-def _resolve_model(model_or_ckpt, resolution, mean, std, device) -> tuple[nn.Module | None, dict[str, Any]]:
+def _resolve_model(
+    model_or_ckpt: str | os.PathLike | dict | nn.Module,
+    resolution: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    device: torch.device,
+) -> tuple[nn.Module | None, dict[str, Any]]:
     """``(model or None for pixels, info)`` with ``info``: checkpoint, resolution, mean, std."""
     if isinstance(model_or_ckpt, nn.Module):
         if resolution is None or mean is None or std is None:
@@ -240,17 +253,19 @@ def evaluate(
     untrained = untrained or (
         isinstance(checkpoint_or_model, str) and checkpoint_or_model.startswith(UNTRAINED)
     )
+    model: nn.Module | None
     if untrained:
         model, info = _resolve_untrained(checkpoint_or_model, resolution, mean, std, seed)
     else:
         model, info = _resolve_model(checkpoint_or_model, resolution, mean, std, dev)
     canvas = info["resolution"] or 32
     train_ds, test_ds = open_eval_splits(data, train_limit, test_limit, canvas_px=canvas)
-    if untrained and has_batchnorm(model):
-        model = precise_bn_from_dataset(
-            model, train_ds, info["resolution"], info["mean"], info["std"], seed=info["seed"]
-        ).eval()
     if untrained:
+        assert model is not None  # _resolve_untrained always builds a module
+        if has_batchnorm(model):
+            model = precise_bn_from_dataset(
+                model, train_ds, info["resolution"], info["mean"], info["std"], seed=info["seed"]
+            ).eval()
         model = model.to(dev)
     # Checked before the (slow) feature pass so an unlabelled folder fails at once.
     max_label = int(max(_require_labels(train_ds, "train").max(), _require_labels(test_ds, "test").max()))
@@ -259,12 +274,12 @@ def evaluate(
     t0 = time.perf_counter()
     if model is None:
         # Raw pixels at the data's native size unless asked otherwise (28 px for Fashion-MNIST).
-        info["resolution"] = int(resolution or getattr(train_ds, "canvas_px", 32))
-        px = {"mean": mean, "std": std} if mean is not None and std is not None else {}
+        info["resolution"] = int(resolution or cast(int, getattr(train_ds, "canvas_px", 32)))
+        px: dict[str, Any] = {"mean": mean, "std": std} if mean is not None and std is not None else {}
         x_tr, train_labels = raw_pixel_features(train_ds, info["resolution"], **px)
         x_te, test_labels = raw_pixel_features(test_ds, info["resolution"], **px)
     else:
-        kw = {"batch_size": batch_size, "progress": progress, "amp": amp, "device": dev}
+        kw: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "amp": amp, "device": dev}
         # Labels come from the batches: a folder replaces an unreadable image by the next one.
         x_tr, train_labels = extract_features(
             model, train_ds, info["resolution"], info["mean"], info["std"], **kw

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ PIXEL_MEAN = (0.0, 0.0, 0.0)
 PIXEL_STD = (1.0, 1.0, 1.0)
 
 
-def dataset_labels(dataset) -> torch.Tensor:
+def dataset_labels(dataset: Any) -> torch.Tensor:
     """Labels ``[N]`` (int64, -1 for unlabelled images) without decoding the images when possible."""
     labels = getattr(dataset, "labels", None)
     if isinstance(labels, torch.Tensor) and labels.shape[0] == len(dataset):
@@ -31,7 +32,9 @@ def dataset_labels(dataset) -> torch.Tensor:
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
-def _uint8_batches(dataset, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _uint8_batches(
+    dataset: Any, batch_size: int, num_workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(uint8 [B, 3, S, S], labels [B])`` in data-set order."""
     images = getattr(dataset, "images", None)
     labels = getattr(dataset, "labels", None)
@@ -59,7 +62,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def extract_features(
     model: nn.Module,
-    dataset,
+    dataset: Any,
     resolution: int,
     mean: Sequence[float],
     std: Sequence[float],
@@ -109,7 +112,7 @@ def extract_features(
 
 
 def raw_pixel_features(
-    dataset,
+    dataset: Any,
     resolution: int,
     mean: Sequence[float] = PIXEL_MEAN,
     std: Sequence[float] = PIXEL_STD,

@@ -58,9 +58,11 @@ class LinearProbe(nn.Module):
 
     @property
     def has_bn(self) -> bool:
+        """Whether the probe normalises its input with ``BatchNorm1d``."""
         return isinstance(self.bn, nn.BatchNorm1d)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, in_dim]`` → logits ``[B, num_classes]``."""
         return self.linear(self.bn(features))
 
 

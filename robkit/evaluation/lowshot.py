@@ -89,7 +89,7 @@ def lowshot_split(
     )
 
     x_tr, y_tr = _preprocess(train_feats[train_idx], mean), train_labels[train_idx].numpy()
-    best = (-1.0, float(c_grid[0]), None)
+    best: tuple[float, float, Any] = (-1.0, float(c_grid[0]), None)
     for c in c_grid:
         clf = _fit(x_tr, y_tr, float(c), seed)
         if val_idx is None:  # no spare image to validate on: keep the first (strongest) regularisation

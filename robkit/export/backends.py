@@ -46,7 +46,8 @@ class ConvertJob:
 @dataclass
 class Converted:
     """What ``convert`` reports: conversion facts for the card, the int8 plan, and (for PT2E int8)
-    the quantised graph's own outputs on the parity images, to tell conversion from quantisation error."""
+    the quantised graph's own outputs on the parity images, to tell conversion from quantisation error.
+    """
 
     conversion: dict[str, Any]
     plan: MixedPrecisionPlan | None = None
@@ -56,9 +57,13 @@ class Converted:
 class FileRunner(Protocol):
     """A loaded exported file: ``runner(x)`` runs one input, ``run_batches(x)`` a stack of them."""
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The file's output on one input ``x`` (in the file's layout and dtype)."""
+        ...
 
-    def run_batches(self, x: np.ndarray) -> np.ndarray: ...
+    def run_batches(self, x: np.ndarray) -> np.ndarray:
+        """The file's outputs on a stack of inputs ``x``, concatenated along the batch axis."""
+        ...
 
 
 class Backend(Protocol):
@@ -79,7 +84,8 @@ class Backend(Protocol):
         self, path: Path, job: ConvertJob, converted: Converted
     ) -> tuple[np.ndarray, str, dict[str, Any]]:
         """The file's outputs on ``job.par_x``, a note on how they were obtained, and facts that update
-        the card's conversion record."""
+        the card's conversion record.
+        """
         ...
 
     def runner(self, path: Path, threads: int) -> FileRunner:

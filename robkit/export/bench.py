@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from robkit.utils.files import atomic_write_json
 
 @dataclass
 class BenchRow:
+    """One row of the latency table: a file or model at one thread count, with its figures."""
+
     name: str
     runtime: str
     precision: str
@@ -52,6 +54,8 @@ class BenchRow:
 
 @dataclass
 class Runner:
+    """A timed callable (one forward) with what the table reports about it; ``times`` in seconds."""
+
     name: str
     runtime: str
     precision: str
@@ -64,6 +68,7 @@ class Runner:
 
 
 def cpu_name() -> str:
+    """The CPU model name from ``/proc/cpuinfo``, else what ``platform`` reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -115,7 +120,8 @@ def measure_peak(threads: int, cache: Path | None = None, refresh: bool = False)
     comparable with; PyTorch's ``torch.mm`` is the fallback.  (PyTorch's MKL is not used when
     onnxruntime is there: on AMD CPUs it takes a slower code path and reads about half the
     peak, so runtimes appeared to run above 100 % of it.)  ``refresh`` re-measures (a value
-    cached while other work loaded the machine is too low)."""
+    cached while other work loaded the machine is too low).
+    """
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "robkit" / "peak.json"
     try:
         import onnxruntime  # noqa: F401
@@ -186,7 +192,9 @@ def file_runner(path: Path, threads: int) -> Runner:
 def torch_runner(
     module: torch.nn.Module, x: torch.Tensor, threads: int, name: str = "pytorch eager"
 ) -> Runner:
-    def call():
+    """A runner for ``module(x)`` in PyTorch eager at ``threads`` threads (parity 1 by definition)."""
+
+    def call() -> None:
         torch.set_num_threads(threads)
         with torch.inference_mode():
             module(x)
@@ -213,6 +221,7 @@ def run_interleaved(
 
 
 def rows_from(runners: list[Runner], peaks: dict[int, float]) -> list[BenchRow]:
+    """Table rows from timed runners: median and p90 in ms, GFLOP/s and the fraction of ``peaks``."""
     rows = []
     for r in runners:
         med = statistics.median(r.times) * 1e3
@@ -244,7 +253,8 @@ _TFLITE_THREADS = re.compile(r"#?\s*threads?[^:]*:\s*\[?(\d+)")
 
 def parse_merge(path: str | os.PathLike) -> list[BenchRow]:
     """Rows from an on-device benchmark: TFLite ``benchmark_model`` text output, or JSON rows
-    (a list of objects with ``name`` and ``median_ms``, or robkit's own bench JSON)."""
+    (a list of objects with ``name`` and ``median_ms``, or robkit's own bench JSON).
+    """
     path = Path(path)
     text = path.read_text()
     if text.lstrip().startswith(("{", "[")):
@@ -283,6 +293,7 @@ def parse_merge(path: str | os.PathLike) -> list[BenchRow]:
 
 
 def format_table(rows: list[BenchRow], peaks: dict[int, float]) -> str:
+    """The rows as an aligned text table, with the measured peaks on the last line."""
     head = [
         "file / model",
         "runtime",
@@ -325,11 +336,12 @@ def format_table(rows: list[BenchRow], peaks: dict[int, float]) -> str:
     return "\n".join(out)
 
 
-def _f(v, nd: int = 2) -> str:
+def _f(v: float | None, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
 def write_json(path: str | os.PathLike, rows: list[BenchRow], peaks: dict[int, float], meta: dict) -> None:
+    """Write the rows, the machine (CPU, cores, peaks) and ``meta`` to ``path`` as JSON."""
     Path(path).write_text(
         json.dumps(
             {
@@ -353,8 +365,8 @@ def plot(path: str | os.PathLike, rows: list[BenchRow]) -> None:
     rows = [r for r in rows if r.median_ms is not None]
     labels = [f"{r.name} [{r.runtime}, {r.threads or '-'}t]" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
-    med = [r.median_ms for r in rows]
-    err = [max(0.0, (r.p90_ms or r.median_ms) - r.median_ms) for r in rows]
+    med = [cast(float, r.median_ms) for r in rows]  # rows without a median were dropped above
+    err = [max(0.0, (r.p90_ms or m) - m) for r, m in zip(rows, med)]
     ax.barh(range(len(rows)), med, xerr=[[0] * len(rows), err], color="tab:blue")
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()

@@ -25,6 +25,7 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def file_bytes(path: str | os.PathLike) -> int:
+    """Size in bytes of a file, or the total of a folder's files (a Core ML package)."""
     path = Path(path)
     return (
         sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -34,6 +35,7 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 
 def card_path(path: str | os.PathLike) -> Path:
+    """The card's path for an exported file: ``<file>.json``."""
     return Path(str(path) + ".json")
 
 
@@ -115,6 +117,7 @@ def write_card(path: str | os.PathLike, card: dict[str, Any]) -> Path:
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The card of an exported file, or ``None`` if it has none."""
     p = card_path(path)
     return json.loads(p.read_text()) if p.is_file() else None
 

@@ -18,9 +18,9 @@ import logging
 import os
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -37,12 +37,13 @@ IMAGE_INPUT, TENSOR_INPUT = "image", "input"
 
 
 def can_run_coreml() -> bool:
+    """Whether Core ML files can execute here (macOS only)."""
     return platform.system() == "Darwin"
 
 
 def convert_coreml(
     module: nn.Module, example: torch.Tensor, target: ExportTarget, labels: Sequence[str] | None = None
-):
+) -> Any:
     """The in-memory ``MLModel`` (its MIL program is only available before saving)."""
     import coremltools as ct
 
@@ -73,7 +74,7 @@ def convert_coreml(
     return mlmodel
 
 
-def compress(mlmodel, compression: str):
+def compress(mlmodel: Any, compression: str) -> Any:
     """``linear8`` (int8 per-channel weights) or ``palettize8`` / ``palettize6`` (k-means LUT)."""
     from coremltools.optimize import coreml as cto
 
@@ -89,7 +90,7 @@ def compress(mlmodel, compression: str):
     raise ValueError(f"unknown Core ML compression {compression!r}; use linear8, palettize8 or palettize6")
 
 
-def set_metadata(mlmodel, card: dict[str, Any]) -> None:
+def set_metadata(mlmodel: Any, card: dict[str, Any]) -> None:
     """Description fields plus every card entry as user-defined metadata (strings)."""
     import json
 
@@ -110,7 +111,7 @@ def set_metadata(mlmodel, card: dict[str, Any]) -> None:
     del json
 
 
-def inspect(mlmodel) -> dict[str, Any]:
+def inspect(mlmodel: Any) -> dict[str, Any]:
     """Structure of an in-memory mlprogram: inputs, outputs, op inventory, weight storage."""
     spec = mlmodel.get_spec()
     ops: dict[str, int] = {}
@@ -208,7 +209,7 @@ def structure_problems(s: dict[str, Any], target: ExportTarget, labels: Sequence
     return problems
 
 
-def _replace_package(path: Path, write) -> None:
+def _replace_package(path: Path, write: Callable[[Path], Any]) -> None:
     """Write a new package next to ``path`` with ``write(tmp)``, then swap it in (never half-written)."""
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # coremltools wants the .mlpackage suffix
     old = path.with_name(f".{path.stem}.old{path.suffix}")
@@ -227,7 +228,8 @@ class CoreMLBackend:
     """Core ML (mlprogram) behind the export protocol (``robkit.export.backends.Backend``).
 
     Off macOS the file cannot execute: ``run`` checks the saved program's structure and gives the
-    outputs of a PyTorch model with the file's weight rounding, saying so in its note."""
+    outputs of a PyTorch model with the file's weight rounding, saying so in its note.
+    """
 
     format, runtime = "coreml", "coreml"
 
@@ -279,7 +281,7 @@ class CoreMLBackend:
         )
         return proxy, note, facts
 
-    def runner(self, path: Path, threads: int):
+    def runner(self, path: Path, threads: int) -> NoReturn:
         """Core ML files run only on Apple devices."""
         from robkit.export.filemodel import ExportError
 

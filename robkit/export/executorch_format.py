@@ -21,10 +21,11 @@ from robkit.utils.errors import RobkitError
 
 
 class ExecuTorchMissing(RobkitError, RuntimeError):
-    pass
+    """The optional ExecuTorch package is not installed."""
 
 
 def require_executorch() -> None:
+    """Raise :class:`ExecuTorchMissing` (with how to install it) unless ExecuTorch is importable."""
     try:
         import executorch  # noqa: F401
     except ImportError as e:
@@ -35,7 +36,8 @@ def require_executorch() -> None:
         ) from None
 
 
-def xnnpack_quantizer(keep: Callable | None):
+def xnnpack_quantizer(keep: Callable | None) -> Any:
+    """``XNNPACKQuantizer`` (symmetric, per-channel int8); ``keep`` is its node filter function."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -76,15 +78,18 @@ class ExecuTorchRunner:
         self.method = Runtime.get().load_program(str(path)).load_method("forward")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The program's first output on the input ``x``."""
         return self.method.execute([torch.from_numpy(np.ascontiguousarray(x))])[0].numpy()
 
     def run_batches(self, x: np.ndarray) -> np.ndarray:
+        """Outputs on ``x`` run one input at a time, concatenated."""
         return np.concatenate([self(x[i : i + 1]) for i in range(len(x))])
 
 
 def set_threads(n: int) -> bool:
     """Set the pool size if it differs (resetting with programs loaded has crashed the process:
-    callers set it before loading anything)."""
+    callers set it before loading anything).
+    """
     try:
         from executorch.extension.pybindings import portable_lib as pl
     except ImportError:
@@ -101,7 +106,8 @@ def set_threads(n: int) -> bool:
 class ExecuTorchBackend:
     """ExecuTorch (XNNPACK delegate) behind the export protocol (``robkit.export.backends.Backend``).
 
-    A ``.pte`` program has no metadata section: the sidecar card is the file's only metadata."""
+    A ``.pte`` program has no metadata section: the sidecar card is the file's only metadata.
+    """
 
     format, runtime = "executorch", "executorch"
 

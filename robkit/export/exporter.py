@@ -46,6 +46,7 @@ class ExportResult:
 
     @property
     def passed(self) -> bool:
+        """Whether the file passed its parity check."""
         return self.parity.passed
 
 
@@ -210,7 +211,8 @@ def _input_range(target: ExportTarget) -> str:
     """What one input value is: raw pixels, pixels / 255, or training-normalised values.
 
     TFLite ``image`` files take RGB float in [0, 1] (MediaPipe feeds ``pixel / 255`` when the
-    metadata says mean 0, std 255); Core ML ``image`` inputs are ImageType pixels 0..255."""
+    metadata says mean 0, std 255); Core ML ``image`` inputs are ImageType pixels 0..255.
+    """
     if target.input_dtype == "uint8":
         return "0-255"
     if target.input == "image":

@@ -1,12 +1,13 @@
 """An exported file (ONNX, TFLite, ExecuTorch) as a module, so frozen-feature evaluation can measure
 what the *file* computes: ``robkit eval knn model.tflite`` gives the accuracy an app will see,
-int8 rounding included, next to the PyTorch checkpoint's."""
+int8 rounding included, next to the PyTorch checkpoint's.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ class ExportError(RobkitError, ValueError):
     """An exported file that cannot be run here (no card, or a runtime this machine lacks)."""
 
 
-def is_exported_file(path: Any) -> bool:
+def is_exported_file(path: Any) -> TypeGuard[str | os.PathLike]:
+    """Whether ``path`` names an existing ONNX, TFLite or ExecuTorch file (by its suffix)."""
     return isinstance(path, (str, os.PathLike)) and Path(path).suffix in SUFFIXES and Path(path).is_file()
 
 
@@ -44,7 +46,8 @@ class ExportedFileModel(nn.Module):
 
     The input is converted to the file's contract (its card): NHWC layout, and for files that
     take pixels (uint8 0..255, or float RGB in [0, 1] as MediaPipe feeds TFLite files) the
-    normalisation is undone and rounded to whole pixels, as an app would feed them."""
+    normalisation is undone and rounded to whole pixels, as an app would feed them.
+    """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
@@ -67,6 +70,7 @@ class ExportedFileModel(nn.Module):
         self.std = list(norm.get("std", IMAGENET_STD))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float ``[B, 3, R, R]`` → the file's output ``[B, D]`` (float32, CPU)."""
         if self.uint8 or self.unit_range:
             m = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
             s = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)

@@ -1,5 +1,6 @@
 """Real images for calibration and parity (never random noise: int8 ranges and parity numbers
-measured on noise say nothing about what the model computes on photos)."""
+measured on noise say nothing about what the model computes on photos).
+"""
 
 from __future__ import annotations
 

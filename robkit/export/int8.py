@@ -34,7 +34,8 @@ def plan_static_int8(
     keep_sensitive: bool,
 ) -> MixedPrecisionPlan:
     """All int8 if that meets the threshold on the search images, else the sensitivity search
-    over ``rank()`` (computed only when needed)."""
+    over ``rank()`` (computed only when needed).
+    """
     ops = (
         "Conv/Linear only (LayerNorm, Softmax, GELU, attention stay float)" if is_vit else "all supported ops"
     )
@@ -54,7 +55,8 @@ def float_boundary(keep: Callable) -> Callable:
 
     Annotated, they make litert-torch give the file an int8 input tensor, which MediaPipe Tasks
     refuses ("Type mismatch for input tensor ...: Requested one of these types: uint8/float32, got
-    INT8"); left float, the file takes float32 RGB and quantises at the student's first layer."""
+    INT8"); left float, the file takes float32 RGB and quantises at the student's first layer.
+    """
     from robkit.export.quantize import module_path
 
     return lambda n: module_path(n).startswith(("student", "probe")) and keep(n)
@@ -78,7 +80,8 @@ def pt2e_static_int8(
     graph once and scores each candidate by removing the quantise/dequantise pairs of its float
     modules (no re-calibration) and running it on the search images, which were not used for
     calibration.  The returned graph is the chosen candidate itself, so the file is converted from
-    exactly the model the search scored."""
+    exactly the model the search scored.
+    """
     from robkit.export import tflite_format as T
 
     program = torch.export.export(module, (example,))

@@ -93,6 +93,7 @@ def write_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's ``metadata_props`` as a ``{key: value}`` dict."""
     import onnx
 
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -113,15 +114,18 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The model's first output on the input batch ``x``."""
         return self.session.run(None, {self.input_name: x})[0]
 
     def run_batches(self, x: np.ndarray, batch: int = 16) -> np.ndarray:
+        """Outputs on ``x`` run ``batch`` inputs at a time, concatenated."""
         return np.concatenate([self(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def nodes_for_layers(path: str | os.PathLike, layers: list[str], bn_map: dict[str, str]) -> list[str]:
     """ONNX node names computing the torch ``layers`` (via the dynamo exporter's name scopes;
-    a Conv fused with its BatchNorm carries the BatchNorm's scope)."""
+    a Conv fused with its BatchNorm carries the BatchNorm's scope).
+    """
     import onnx
 
     wanted = set(layers)

@@ -28,6 +28,8 @@ class ParityError(RobkitError, RuntimeError):
 
 @dataclass
 class ParityReport:
+    """Parity of an exported file's outputs with PyTorch's: metrics, thresholds and any failures."""
+
     runtime: str
     images: int
     cosine: float
@@ -41,9 +43,11 @@ class ParityReport:
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (floats rounded to 6 places)."""
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
     def summary(self) -> str:
+        """One line of the headline metrics for logs."""
         s = f"cosine {self.cosine:.5f} (min {self.min_cosine_sample:.5f}), max|Δ| {self.max_abs:.3g}"
         if self.top1_agreement is not None:
             s += f", top-1 agreement {self.top1_agreement:.3f}"

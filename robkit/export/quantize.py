@@ -34,6 +34,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class LayerSensitivity:
     cosine: float
 
     def reason(self, rank: int, total: int) -> str:
+        """Why the layer stays float, for the card (its cosine and its sensitivity rank)."""
         return f"int8 alone drops output cosine to {self.cosine:.4f} (rank {rank} of {total} by sensitivity)"
 
 
@@ -64,6 +66,7 @@ class MixedPrecisionPlan:
     quantized_ops: str = "all supported ops"
 
     def as_dict(self) -> dict:
+        """The plan as the card's JSON record."""
         return {
             "float_layers": self.float_layers,
             "reasons": self.reasons,
@@ -74,6 +77,7 @@ class MixedPrecisionPlan:
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d and Linear modules of ``model``, in module order."""
     return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
@@ -109,7 +113,7 @@ def layer_sensitivity(
     ranges: dict[str, list[float]] = {n: [float("inf"), float("-inf")] for n in layers}
 
     def observe(name: str):
-        def hook(_m, args):
+        def hook(_m, args: tuple[torch.Tensor, ...]):
             r = ranges[name]
             r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
 
@@ -190,7 +194,7 @@ def search_float_layers(
     return plan
 
 
-def module_path(node) -> str:
+def module_path(node: torch.fx.Node) -> str:
     """Innermost module path of an FX node (``nn_module_stack`` from torch.export), '' if none."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -199,7 +203,8 @@ def module_path(node) -> str:
     return path.replace("L['self'].", "").replace("L__self__.", "")
 
 
-def module_type(node) -> type | None:
+def module_type(node: torch.fx.Node) -> type | None:
+    """Innermost module class of an FX node (``nn_module_stack`` from torch.export), None if none."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
@@ -212,7 +217,7 @@ def node_filter(float_layers: list[str], model: nn.Module, only_conv_linear: boo
     excluded = set(float_layers)
     types = {n: type(m) for n, m in model.named_modules()}
 
-    def keep(n) -> bool:
+    def keep(n: torch.fx.Node) -> bool:
         path = module_path(n)
         if any(path == e or path.startswith(e + ".") for e in excluded):
             return False
@@ -234,18 +239,19 @@ def bn_to_conv(program: torch.export.ExportedProgram) -> dict[str, str]:
     return out
 
 
-def _is_quantize(n) -> bool:
+def _is_quantize(n: Any) -> bool:
     t = str(n.target)
     return n.op == "call_function" and ".quantize_per_" in t and "dequantize" not in t
 
 
-def _is_dequantize(n) -> bool:
+def _is_dequantize(n: Any) -> bool:
     return n.op == "call_function" and ".dequantize_per_" in str(n.target)
 
 
-def _unit_of(q) -> str:
+def _unit_of(q: Any) -> str:
     """The module a quantise node belongs to: its producer's, or for parameters and graph inputs
-    (which have none) the module of its first consumer."""
+    (which have none) the module of its first consumer.
+    """
     src = q.args[0]
     path = module_path(src) if src.op == "call_function" else ""
     if not path:
@@ -259,13 +265,17 @@ def _unit_of(q) -> str:
 
 class _PartialQuant(torch.fx.Interpreter):
     """Runs a PT2E-converted graph with only the quantise/dequantise pairs of ``enabled`` units active;
-    every other pair passes its float input through."""
+    every other pair passes its float input through.
+    """
+
+    inputs: dict[str, Any]
 
     def __init__(self, gm: torch.fx.GraphModule, unit: dict[str, str], enabled: set[str]) -> None:
         super().__init__(gm)
         self.unit, self.enabled, self.inputs = unit, enabled, {}
 
-    def run_node(self, n):
+    def run_node(self, n: Any) -> Any:
+        """The node's value, or for a disabled pair's dequantise node the float input of its quantise node."""
         if _is_quantize(n):
             self.inputs[n.name] = self.env[n.args[0]]
         elif _is_dequantize(n) and _is_quantize(n.args[0]) and self.unit[n.args[0].name] not in self.enabled:
@@ -303,7 +313,8 @@ def quantized_units(gm: torch.fx.GraphModule) -> dict[str, str]:
 def strip_quantization(gm: torch.fx.GraphModule, float_layers: list[str]) -> torch.fx.GraphModule:
     """A copy of a PT2E-converted graph (``fold_quantize=False``) with the quantise/dequantise pairs of
     ``float_layers`` removed, so those modules compute (and hand on) float values; the scales of
-    every other pair stay those calibrated for the whole graph."""
+    every other pair stay those calibrated for the whole graph.
+    """
     out = copy.deepcopy(gm)
     excluded = set(float_layers)
     for n in list(out.graph.nodes):
@@ -327,9 +338,10 @@ def strip_quantization(gm: torch.fx.GraphModule, float_layers: list[str]) -> tor
     return out
 
 
-def _runs_int8(op, weight) -> bool:
+def _runs_int8(op: torch.fx.Node, weight: torch.fx.Node) -> bool:
     """Whether ``op`` (a Conv/Linear reading the dequantised ``weight``) still has an int8 input and
-    an int8 output, the latter directly or after one fused activation (conv → relu → quantise)."""
+    an int8 output, the latter directly or after one fused activation (conv → relu → quantise).
+    """
     act = op.args[0] if op.args else None
     if act is weight or not (hasattr(act, "op") and _is_dequantize(act)):
         return False
@@ -338,7 +350,8 @@ def _runs_int8(op, weight) -> bool:
 
 def fold_weight_quantization(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Pre-compute the int8 weights (what ``convert_pt2e(fold_quantize=True)`` does), for lowerings
-    that expect folded weights (ExecuTorch's XNNPACK partitioner)."""
+    that expect folded weights (ExecuTorch's XNNPACK partitioner).
+    """
     from torchao.quantization.pt2e.constant_fold import constant_fold
     from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
 

@@ -87,15 +87,18 @@ class ExportTarget:
 
     @property
     def suffix(self) -> str:
+        """The file suffix of the target's format (e.g. ``.onnx``)."""
         return SUFFIX[self.format]
 
     @property
     def folds_normalization(self) -> bool:
         """uint8 pixels and images (Core ML ImageType, TFLite RGB in [0, 1]) arrive un-normalised:
-        the model divides by std itself."""
+        the model divides by std itself.
+        """
         return self.input_dtype == "uint8" or self.input == "image"
 
     def as_dict(self) -> dict[str, Any]:
+        """A deep copy of the target's fields as a dict."""
         return copy.deepcopy(self.__dict__)
 
 
@@ -121,6 +124,7 @@ def _from_record(rec: Record) -> ExportTarget:
 
 
 def target_names(fmt: str | None = None) -> list[str]:
+    """Names of the catalog's single export targets, of format ``fmt`` only if given."""
     reg = registry("export")
     return [r.name for r in reg if r.get("format") in FORMATS and (fmt is None or r.get("format") == fmt)]
 
@@ -151,6 +155,7 @@ def auto_candidates(arch: str) -> list[str]:
 
 
 def check_format(fmt: str) -> None:
+    """Raise :class:`TargetError` unless ``fmt`` is a supported export format."""
     if fmt not in FORMATS:
         raise TargetError(f"unknown export format {fmt!r}; supported formats: {', '.join(FORMATS)}")
 

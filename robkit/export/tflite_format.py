@@ -33,6 +33,7 @@ CARD_METADATA_NAME = "robkit_card"
 
 
 def convert_fp32(module: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write ``module`` (in eval mode) to ``path`` as an fp32 .tflite file with litert-torch."""
     import litert_torch
 
     litert_torch.convert(module.eval(), (example,)).export(str(path))
@@ -61,7 +62,7 @@ def convert_dynamic_int8(fp32_path: str | os.PathLike, path: str | os.PathLike) 
     q.quantize().export_model(str(path), overwrite=True)
 
 
-def _filtered_quantizer(keep: Callable | None):
+def _filtered_quantizer(keep: Callable | None) -> Any:
     """litert-torch's PT2EQuantizer whose annotations skip nodes ``keep`` rejects.
 
     ``set_module_name(name, None)`` is refused by this quantiser (an assert), so layers that
@@ -70,8 +71,10 @@ def _filtered_quantizer(keep: Callable | None):
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
     class Filtered(PT2EQuantizer):
-        def _annotate_all_static_patterns(self, model, quantization_config, filter_fn=None):
-            def both(n):
+        def _annotate_all_static_patterns(
+            self, model: torch.fx.GraphModule, quantization_config: Any, filter_fn: Callable | None = None
+        ) -> Any:
+            def both(n: torch.fx.Node) -> bool:
                 return (filter_fn is None or filter_fn(n)) and (keep is None or keep(n))
 
             return super()._annotate_all_static_patterns(model, quantization_config, both)
@@ -86,7 +89,7 @@ def pt2e_quantize(
     keep: Callable | None,
     quantizer_factory: Callable | None = None,
     fold_quantize: bool = False,
-):
+) -> tuple[torch.fx.GraphModule, Any]:
     """Prepare, calibrate (one image at a time) and convert: ``(quantised torch model, quantizer)``.
 
     The returned model is the quantise-simulated PyTorch model the exported file is compared with.
@@ -112,11 +115,15 @@ def pt2e_quantize(
 
 
 def run_torch_batch1(gm: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``gm`` on each input of ``x`` one at a time (batch 1, no autograd), concatenated."""
     with torch.no_grad():
         return torch.cat([gm(x[i : i + 1]) for i in range(len(x))])
 
 
-def convert_static_int8(qmodel, quantizer, example: torch.Tensor, path: str | os.PathLike) -> None:
+def convert_static_int8(
+    qmodel: torch.nn.Module, quantizer: Any, example: torch.Tensor, path: str | os.PathLike
+) -> None:
+    """Write the PT2E-quantised ``qmodel`` to ``path`` with litert-torch, outputs dequantised to float."""
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
 
@@ -180,7 +187,7 @@ def float_outputs(path: str | os.PathLike) -> int:
     return added
 
 
-def _remap_signature_outputs(model) -> None:
+def _remap_signature_outputs(model: Any) -> None:
     """Point signature outputs at the subgraph's (new) output tensors, in order."""
     for sig in model.signatureDefs or []:
         g = model.subgraphs[sig.subgraphIndex]
@@ -201,6 +208,7 @@ class TFLiteRunner:
 
     @property
     def input_dtype(self) -> np.dtype:
+        """The dtype of the file's input tensor."""
         return np.dtype(self.inp["dtype"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -218,6 +226,7 @@ class TFLiteRunner:
         return y
 
     def run_batches(self, x: np.ndarray) -> np.ndarray:
+        """Outputs on ``x`` run one sample at a time, concatenated."""
         return np.concatenate([self(x[i : i + 1]) for i in range(len(x))])
 
 
@@ -241,7 +250,8 @@ def op_counts(path: str | os.PathLike) -> dict[str, int]:
 def embed_metadata(path: str | os.PathLike, card: dict[str, Any], labels: list[str] | None = None) -> bool:
     """Store the standard TFLite Support metadata built from ``card`` (with ``labels`` as a
     TENSOR_AXIS_LABELS associated file) and ``card`` itself as JSON in the flatbuffer's
-    ``metadata`` table; False if the file cannot take them (the sidecar card still has the card)."""
+    ``metadata`` table; False if the file cannot take them (the sidecar card still has the card).
+    """
     import flatbuffers
     from ai_edge_litert import schema_py_generated as fb
 

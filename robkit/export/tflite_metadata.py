@@ -140,6 +140,7 @@ def build_metadata(card: dict[str, Any], labels: list[str] | None) -> bytes:
 
 
 def associated_files(labels: list[str] | None) -> dict[str, bytes]:
+    """The files packed with the model: ``labels.txt`` (one label a line) if there are labels."""
     return {LABELS_FILE: ("\n".join(labels) + "\n").encode()} if labels else {}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ class ExportModule(nn.Module):
     RGB in [0, 1], what MediaPipe feeds with mean 0, std 255), ``None`` when the
     input is already normalised (the normalisation is then the app's job, as in training).
     """
+
+    in_mul: torch.Tensor
+    in_add: torch.Tensor
 
     def __init__(
         self,
@@ -53,6 +57,7 @@ class ExportModule(nn.Module):
         self.register_buffer("in_add", -m / s, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Input ``[B, 3, H, W]`` (``[B, H, W, 3]`` if NHWC) → embedding ``[B, D]`` or class scores ``[B, C]``."""
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)
         if x.dtype != torch.float32:
@@ -75,7 +80,7 @@ def freeze_input_size(student: nn.Module, size: int) -> nn.Module:
     and a waste on a fixed-size mobile input.  The resampling is done once here, with the same
     function, so the exported graph holds the already-resampled table.  CNNs are returned as is.
     """
-    vit = getattr(student, "backbone", student)
+    vit: Any = getattr(student, "backbone", student)
     if not getattr(vit, "dynamic_img_size", False):
         return student
     frozen = copy.deepcopy(student)

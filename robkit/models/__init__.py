@@ -1,0 +1,1 @@
+"""Student backbones, projection heads and the robkit checkpoint format."""

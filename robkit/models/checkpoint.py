@@ -19,10 +19,15 @@ loads with ``torch.load(weights_only=True)``:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from robkit import __version__
 from robkit.utils.files import CheckpointError, atomic_save, safe_load
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from robkit.models.students import Student
 
 __all__ = [
     "CheckpointError",
@@ -38,6 +43,7 @@ FORMAT = 1
 
 
 def is_robkit_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` is a robkit checkpoint dict (a ``robkit`` header and a ``backbone``)."""
     return isinstance(obj, dict) and isinstance(obj.get("robkit"), dict) and "backbone" in obj
 
 
@@ -46,9 +52,10 @@ def make_checkpoint(**fields: Any) -> dict[str, Any]:
     return {"robkit": {"format": FORMAT, "version": __version__}, **fields}
 
 
-def build_head(spec: dict[str, Any] | None):
+def build_head(spec: dict[str, Any] | None) -> nn.Module | None:
     """Rebuild a head from its ``{"type", "kwargs", "state_dict"}`` record
-    (:func:`robkit.models.heads.head_from_record`); ``None`` for an empty record."""
+    (:func:`robkit.models.heads.head_from_record`); ``None`` for an empty record.
+    """
     from robkit.models import heads
 
     try:
@@ -57,7 +64,21 @@ def build_head(spec: dict[str, Any] | None):
         raise CheckpointError(f"{e} (the checkpoint's head record)") from e
 
 
-def load_student(path_or_obj: str | os.PathLike | dict[str, Any], with_head: bool = False):
+@overload
+def load_student(
+    path_or_obj: str | os.PathLike | dict[str, Any], with_head: Literal[False] = False
+) -> tuple[Student, dict[str, Any]]: ...
+@overload
+def load_student(
+    path_or_obj: str | os.PathLike | dict[str, Any], with_head: Literal[True]
+) -> tuple[Student, nn.Module | None, dict[str, Any]]: ...
+@overload
+def load_student(
+    path_or_obj: str | os.PathLike | dict[str, Any], with_head: bool = False
+) -> tuple[Student, dict[str, Any]] | tuple[Student, nn.Module | None, dict[str, Any]]: ...
+def load_student(
+    path_or_obj: str | os.PathLike | dict[str, Any], with_head: bool = False
+) -> tuple[Student, dict[str, Any]] | tuple[Student, nn.Module | None, dict[str, Any]]:
     """Rebuild the student of a robkit checkpoint, in eval mode.
 
     Returns ``(student, meta)`` or ``(student, head, meta)`` with ``with_head=True``; ``meta``

@@ -16,7 +16,7 @@ checkpoint stores.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,11 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The effective weight ``[out, in]``: each row of ``weight_v`` rescaled to norm ``weight_g``."""
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_features] -> [..., out_features]``."""
         return F.linear(x, self.weight)
 
 
@@ -113,10 +115,12 @@ class DINOHead(nn.Module):
             _init_linear(self.last_layer)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck embedding ``[..., in_dim] -> [..., bottleneck_dim]``, L2-normalised if ``l2_norm``."""
         x = self.mlp(x)
         return F.normalize(x, dim=-1, p=2) if self.l2_norm else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim] -> logits [B, out_dim]``."""
         return self.last_layer(self.project(x))
 
 
@@ -134,12 +138,12 @@ class iBOTHead(DINOHead):  # noqa: N801 - the method's own spelling
         out_dim: int = 8192,
         patch_out_dim: int | None = None,
         shared_head: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(in_dim, out_dim, **kwargs)
         self.init_kwargs = _init_args(locals())
-        bottleneck = (
-            self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
+        bottleneck = cast(
+            int, self.mlp[-1].out_features if isinstance(self.mlp, nn.Sequential) else self.mlp.out_features
         )
         patch_out_dim = patch_out_dim or out_dim
         if shared_head:
@@ -155,7 +159,10 @@ class iBOTHead(DINOHead):  # noqa: N801 - the method's own spelling
             self.last_layer2 = WeightNormLinear(bottleneck, patch_out_dim, fix_g=fix_g)
         self.shared_head = shared_head
 
-    def forward(self, x: torch.Tensor):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D] -> [B, K]`` like a DINO head; ``[B, 1+N, D] -> ([B, K], [B, N, K_p])``."""
         if x.dim() == 2:
             return super().forward(x)
         z = self.project(x)
@@ -195,6 +202,7 @@ class SwAVHead(nn.Module):
         w.copy_(F.normalize(w, dim=1, p=2))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, in_dim] -> (embedding [B, out_dim], scores [B, n_prototypes])``."""
         z = self.projection_head(x)
         if self.normalize:
             z = F.normalize(z, dim=1, p=2)
@@ -218,12 +226,14 @@ class MLPHead(nn.Module):
             if i < len(dims) - 2:
                 if use_bn:
                     layers.append(nn.BatchNorm1d(dims[i + 1]))
-                if acts[act] is not None:
-                    layers.append(acts[act]())
+                act_cls = acts[act]
+                if act_cls is not None:
+                    layers.append(act_cls())
         self.layers = nn.Sequential(*layers)
         self.out_dim = dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, dims[0]] -> [B, dims[-1]]``."""
         return self.layers(x)
 
 
@@ -237,6 +247,7 @@ class _MSNProjector(nn.Module):
         self.fc3 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim] -> [B, out_dim]``."""
         x = F.gelu(self.bn1(self.fc1(x)))
         x = F.gelu(self.bn2(self.fc2(x)))
         return self.fc3(x)
@@ -265,6 +276,7 @@ class MSNHead(nn.Module):
         nn.init.uniform_(self.prototypes, -1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim] -> logits [B, K]`` (cosine similarities to the prototypes)."""
         z = F.normalize(self.fc(x), dim=-1)
         return z @ F.normalize(self.prototypes, dim=-1).t()
 
@@ -290,12 +302,13 @@ def head_class(type_name: str) -> type[nn.Module]:
 
 def head_keywords(type_name: str) -> set[str]:
     """The keyword arguments the head ``type_name`` accepts, its base classes' included where it
-    forwards ``**kwargs`` (``iBOTHead`` takes every ``DINOHead`` keyword)."""
+    forwards ``**kwargs`` (``iBOTHead`` takes every ``DINOHead`` keyword).
+    """
     names: set[str] = set()
     for klass in head_class(type_name).__mro__:
         if klass is nn.Module or "__init__" not in vars(klass):
             continue
-        params = inspect.signature(klass.__init__).parameters.values()
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
         names |= {p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -30,8 +31,8 @@ class StudentSpec:
 
 
 def _torchvision_cnn(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    def build(**kw) -> nn.Module:
-        net = fn(weights=None, **kw)
+    def build(**kw: Any) -> nn.Module:
+        net: Any = fn(weights=None, **kw)
         if hasattr(net, "fc"):  # ResNet
             net.fc = nn.Identity()
             return net
@@ -43,9 +44,9 @@ def _torchvision_cnn(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def _timm_vit(arch: str) -> Callable[..., nn.Module]:
     def build(
-        drop_path_rate: float = 0.0, img_size: int = 224, patch_size: int | None = None, **kw
+        drop_path_rate: float = 0.0, img_size: int = 224, patch_size: int | None = None, **kw: Any
     ) -> nn.Module:
-        extra = {"patch_size": patch_size} if patch_size else {}
+        extra: dict[str, Any] = {"patch_size": patch_size} if patch_size else {}
         return timm.create_model(
             arch,
             pretrained=False,
@@ -84,7 +85,7 @@ _DEFAULT_KW = {"vit_tiny_patch32": {"patch_size": 32}}
 class Student(nn.Module):
     """A backbone with a declared embedding size: ``forward(x [B,3,H,W]) -> [B, embed_dim]``."""
 
-    def __init__(self, arch: str, **kwargs) -> None:
+    def __init__(self, arch: str, **kwargs: Any) -> None:
         super().__init__()
         if arch not in STUDENTS:
             hint = did_you_mean(arch, STUDENTS, cutoff=0.4)
@@ -98,13 +99,17 @@ class Student(nn.Module):
 
     @property
     def is_vit(self) -> bool:
+        """Whether the backbone is a (timm) ViT."""
         return self.kind == "vit"
 
     @property
     def patch_size(self) -> int | None:
-        return self.backbone.patch_embed.patch_size[0] if self.is_vit else None
+        """The ViT's patch size in px; ``None`` for a CNN."""
+        backbone: Any = self.backbone
+        return backbone.patch_embed.patch_size[0] if self.is_vit else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W] -> [B, embed_dim]``."""
         return self.backbone(x)
 
     def forward_tokens(
@@ -122,7 +127,7 @@ class Student(nn.Module):
         """
         if not self.is_vit:
             raise TypeError(f"forward_tokens needs a ViT student, got {self.arch}")
-        vit = self.backbone
+        vit: Any = self.backbone
         x = vit.patch_embed(x)  # [B, h, w, D] with dynamic_img_size
         if mask is not None:
             if mask_token is None:
@@ -138,6 +143,6 @@ class Student(nn.Module):
         return vit.norm(x)
 
 
-def build_student(arch: str, **kwargs) -> Student:
+def build_student(arch: str, **kwargs: Any) -> Student:
     """Build a freshly initialised student by name (see ``STUDENTS``)."""
     return Student(arch, **kwargs)

@@ -70,6 +70,7 @@ class DINOLoss(nn.Module):
 
     ``forward(student_logits [S*B, K], teacher_logits [n_global*B, K], epoch)`` returns the
     loss and ``{"loss_gg", "loss_gl", "teacher_temp"}``.  Both tensors are crop-major.
+
     """
 
     center: Tensor
@@ -115,6 +116,7 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_temp_at(self, epoch: float) -> float:
+        """The teacher temperature at ``epoch`` (fractional epochs elapsed) on this loss's schedule."""
         return teacher_temperature(
             epoch, self.teacher_temp, self.warmup_teacher_temp, self.warmup_teacher_temp_epochs
         )
@@ -122,6 +124,7 @@ class DINOLoss(nn.Module):
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, epoch: float
     ) -> tuple[Tensor, dict[str, float]]:
+        """Student ``[S*B, K]``, teacher ``[n_global*B, K]`` logits -> ``(loss, parts)``; center updated."""
         n_crops = self.n_global + self.n_local
         b = batch_size_of(teacher_logits.shape[0], self.n_global, "teacher_logits")
         check_rows(

@@ -78,7 +78,7 @@ def block_masks(
     min_aspect: float = 0.3,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """iBOT block-wise masks ``BoolTensor [n, H, W]`` (True = replaced by the mask token).
+    """Block-wise iBOT masks ``BoolTensor [n, H, W]`` (True = replaced by the mask token).
 
     For each of the ``n`` images (one per global crop, crop-major like the student tensors) a
     ratio is drawn: 0 with probability ``p_zero``, else uniform in ``ratio_range``; the target is

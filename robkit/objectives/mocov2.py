@@ -40,6 +40,7 @@ class MoCoV2Loss(nn.Module):
     ``forward(queries [(1+n_local)*B, dim], keys [B, dim])`` takes raw (unnormalised) projections,
     returns the loss and ``{"loss_gg", "loss_gl", "queue_ptr"}``, then enqueues the keys.  The queue
     ``[dim, queue_size]`` (MoCo's layout, random unit columns at start) and its pointer are buffers.
+
     """
 
     queue: Tensor
@@ -65,6 +66,7 @@ class MoCoV2Loss(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def forward(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Queries ``[(1+n_local)*B, dim]`` and keys ``[B, dim]`` -> ``(loss, parts)``; enqueues the keys."""
         n_chunks = 1 + self.n_local
         b = batch_size_of(keys.shape[0], 1, "keys")
         check_rows(

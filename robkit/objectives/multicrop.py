@@ -103,11 +103,13 @@ def batch_size_of(rows: int, n_crops: int, what: str) -> int:
 
 
 def check_rows(x: Tensor, expected: int, what: str, hint: str) -> None:
+    """Raise ``ValueError`` (naming ``what`` and ``hint``) unless ``x`` is 2-D with ``expected`` rows."""
     if x.dim() != 2 or x.shape[0] != expected:
         raise ValueError(f"{what} must be 2-D with {expected} rows ({hint}), got shape {tuple(x.shape)}")
 
 
 def compute_dtype(x: Tensor) -> Tensor:
     """Half-precision (AMP) outputs upcast to float32: softmaxes over thousands of prototypes and
-    the exp() of Sinkhorn lose the small probabilities in fp16."""
+    the exp() of Sinkhorn lose the small probabilities in fp16.
+    """
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

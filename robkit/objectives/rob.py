@@ -152,6 +152,7 @@ class RoBDINOLoss(_PairedCrossEntropy):
         return torch.stack(terms).sum() / denominator
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Student ``[S*B, K]`` and teacher ``[T*B, K]`` logits -> ``(loss, {"ce", "target_entropy"})``."""
         batch, n_student = _crop_layout(
             student_logits.shape[0],
             teacher_logits.shape[0],
@@ -198,11 +199,13 @@ class RoBMSNLoss(RoBDINOLoss):
         *,
         teacher_probs: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
+        """Student logits ``[S*B, K]``, teacher cosines or probabilities ``[T*B, K]`` -> ``(loss, parts)``."""
         if (teacher_logits is None) == (teacher_probs is None):
             raise ValueError(
                 "RoBMSNLoss: pass exactly one of teacher_logits (cosine similarities) or teacher_probs"
             )
         if teacher_probs is None:
+            assert teacher_logits is not None  # exactly one of the two was given
             return super().forward(student_logits, teacher_logits)
         batch, n_student = _crop_layout(
             student_logits.shape[0],
@@ -273,6 +276,7 @@ class RoBiBOTLoss(_PairedCrossEntropy):
         teacher_patch: Tensor | None = None,
         masks: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
+        """CLS logits ``[S*B, K]``/``[T*B, K]``, optional patch logits ``[T*B, P, K]``, masks -> ``(loss, parts)``."""
         cls, cls_parts = self.cls_loss(student_cls, teacher_cls)
         parts = {"cls": cls_parts["ce"], "patch": 0.0, "target_entropy": cls_parts["target_entropy"]}
         if student_patch is None and teacher_patch is None:
@@ -368,6 +372,7 @@ class RoBSwAVLoss(_PairedCrossEntropy):
             )
 
     def forward(self, student_scores: Tensor, teacher_scores: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Student ``[S*B, K]``, teacher ``[T*B, K]`` scores -> ``(loss, {"ce", "target_entropy"})``."""
         batch, n_student = _crop_layout(
             student_scores.shape[0],
             teacher_scores.shape[0],

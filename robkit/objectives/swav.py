@@ -57,6 +57,7 @@ class SwAVLoss(nn.Module):
     and ``{"loss_gg", "loss_gl", "queue_used"}``.  ``scores`` must be ``embeddings @ prototypes.T``
     computed with the graph (they carry the gradient); ``prototypes`` is only used to re-score the
     queue.  The queue is a buffer, so it is saved in the state dict.
+
     """
 
     queue: Tensor
@@ -107,6 +108,7 @@ class SwAVLoss(nn.Module):
     def forward(
         self, embeddings: Tensor, scores: Tensor, prototypes: Tensor, epoch: int
     ) -> tuple[Tensor, dict[str, float]]:
+        """Embeddings ``[S*B, D]``, scores ``[S*B, K]`` and prototypes ``[K, D]`` -> ``(loss, parts)``."""
         n_crops = self.n_global + self.n_local
         b = batch_size_of(scores.shape[0], n_crops, "scores")
         check_rows(embeddings, n_crops * b, "embeddings", "crop-major, same rows as scores")

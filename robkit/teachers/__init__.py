@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robkit.teachers.teacher import Teacher, TeacherLoadError, TeacherOutput
 from robkit.utils.errors import RobkitError
+
+if TYPE_CHECKING:
+    from robkit.catalog import Record, Registry
 
 __all__ = ["Teacher", "TeacherOutput", "TeacherLoadError", "load", "catalog", "resolve_file"]
 
@@ -21,7 +24,7 @@ class TeacherFileMissing(RobkitError, FileNotFoundError):
     """``--teacher`` names a path that is not a file."""
 
 
-def catalog():
+def catalog() -> Registry:
     """The teacher registry (``robkit.catalog.registry('teachers')``)."""
     from robkit.catalog import registry
 
@@ -34,7 +37,9 @@ def _looks_like_path(s: str) -> bool:
     )
 
 
-def resolve_file(name_or_path: str | os.PathLike, download: bool = True, progress: bool = True):
+def resolve_file(
+    name_or_path: str | os.PathLike, download: bool = True, progress: bool = True
+) -> tuple[Path, Record | None]:
     """``(path, record | None)`` for a catalog name or a file path (downloading a named teacher if needed)."""
     from robkit.teachers import download as dl
 

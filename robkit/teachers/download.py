@@ -35,20 +35,24 @@ class DownloadError(RobkitError, RuntimeError):
 
 
 def robkit_home() -> Path:
+    """The cache folder of robkit: ``$ROBKIT_HOME``, default ``~/.cache/robkit``."""
     return Path(os.environ.get("ROBKIT_HOME") or "~/.cache/robkit").expanduser()
 
 
 def teachers_dir() -> Path:
+    """Where robkit keeps downloaded teacher files: ``<robkit_home>/teachers``."""
     return robkit_home() / "teachers"
 
 
 def hub_checkpoints_dir() -> Path:
+    """torch.hub's checkpoint folder, ``torch.hub.get_dir()/checkpoints``."""
     import torch.hub
 
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def offline() -> bool:
+    """Whether ``ROBKIT_OFFLINE`` forbids downloads."""
     return os.environ.get("ROBKIT_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
@@ -100,6 +104,7 @@ def recorded_sha256(file_name: str) -> str | None:
 
 
 def record_sha256(file_name: str, digest: str) -> None:
+    """Record ``digest`` as the hash of ``file_name`` unless one is recorded already (trust on first use)."""
     db = _read_db()
     db.setdefault("recorded", {}).setdefault(file_name, digest)
     _write_db(db)
@@ -200,6 +205,7 @@ def cached_file(record: Any) -> Path | None:
 
 
 def cache_status(record: Any) -> str:
+    """Whether the teacher is cached: ``yes`` (robkit's cache), ``hub`` (torch.hub's), ``partial`` or ``-``."""
     f = cached_file(record)
     if f is None:
         return "-" if not (teachers_dir() / (record["file_name"] + ".part")).exists() else "partial"

@@ -96,6 +96,7 @@ def _count(sd: StateDict, pattern: str) -> int:
 
 
 def backbone_type(sd: StateDict) -> str:
+    """The backbone family a state dict's keys show: ``vit``, ``xcit``, ``swin`` or ``resnet``."""
     if "cls_token" in sd and any(k.startswith("cls_attn_blocks.") for k in sd):
         return "xcit"
     if "cls_token" in sd and "patch_embed.proj.weight" in sd:
@@ -190,6 +191,7 @@ def infer_backbone(sd: StateDict) -> dict[str, Any]:
 
 
 def backbone_dim(arch: dict[str, Any]) -> int:
+    """Width of the backbone's output embedding for an inferred ``arch`` record."""
     if arch["type"] == "resnet":
         return int(arch["stage_widths"][-1]) * int(arch.get("expansion", 4))
     if arch["type"] == "swin":
@@ -253,6 +255,7 @@ def infer_dino_head(sd: StateDict) -> dict[str, Any]:
 
 
 def infer_msn_head(sd: StateDict) -> dict[str, Any]:
+    """MSN head: the ``fc.fc1..fc3`` projector (BatchNorm if ``fc.bn1`` is there) and ``prototypes``."""
     return {
         "type": "MSNHead",
         "in_dim": int(sd["fc.fc1.weight"].shape[1]),
@@ -264,6 +267,7 @@ def infer_msn_head(sd: StateDict) -> dict[str, Any]:
 
 
 def infer_swav_head(sd: StateDict) -> dict[str, Any]:
+    """SwAV head: the ``projection_head.{0,1,3}`` MLP and ``prototypes``; multi-prototype files are refused."""
     if any(k.startswith("prototypes.prototypes") for k in sd):
         raise LayoutError(
             "this file has several prototype heads (prototypes.prototypes0/1/2): a DeepCluster-v2 or "

@@ -42,6 +42,7 @@ class Bottleneck(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, inplanes, H, W] -> [B, out_planes, H/stride, W/stride]``."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -98,6 +99,7 @@ class WideResNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W] -> [B, num_features]`` (global-average-pooled)."""
         return torch.flatten(self.avgpool(self.forward_features(x)), 1)
 
 

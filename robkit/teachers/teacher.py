@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -87,7 +87,7 @@ _XCIT_KEYS = (
     "tokens_norm",
     "eta",
 )
-_STANDARD_RN50 = {
+_STANDARD_RN50: dict[str, Any] = {
     "layers": [3, 4, 6, 3],
     "stem_width": 64,
     "stage_widths": [64, 128, 256, 512],
@@ -124,7 +124,8 @@ def build_backbone(arch: dict[str, Any]) -> nn.Module:
             mlp_ratio=arch.get("mlp_ratio", 4.0),
             num_classes=0,
             drop_path_rate=0.0,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),  # iBOT's Swin uses eps 1e-6, timm's default 1e-5
+            # iBOT's Swin uses eps 1e-6, timm's default 1e-5; timm's hint omits callables it accepts
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
         )
     if kind == "resnet":
         cfg = {
@@ -142,10 +143,12 @@ def build_backbone(arch: dict[str, Any]) -> nn.Module:
 
 def build_head(spec: dict[str, Any]) -> nn.Module:
     """The declared head (``{"type": "DINOHead", **kwargs}``) through :func:`robkit.models.heads.build_head`;
-    unknown keys (descriptions) and undeclared (``None``) values are ignored."""
+    unknown keys (descriptions) and undeclared (``None``) values are ignored.
+    """
     kwargs = {k: v for k, v in spec.items() if k != "type" and v is not None}
     try:
-        return heads_mod.build_head(spec.get("type"), ignore_unknown=True, **kwargs)
+        # a missing type (None) raises UnknownHeadError like any unknown name
+        return heads_mod.build_head(cast(str, spec.get("type")), ignore_unknown=True, **kwargs)
     except heads_mod.UnknownHeadError as e:
         raise TeacherLoadError(str(e)) from e
 
@@ -245,19 +248,21 @@ class Teacher(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher never trains
+        """Stay in eval mode whatever ``mode`` says; returns ``self``."""
         return super().train(False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """What the head consumes: ``[B, D]`` (CLS / pooled), or all tokens ``[B, 1+N, D]`` for iBOT."""
+        backbone: Any = self.backbone
         if self.embed_mode == "swin_tokens":
             # iBOT's Swin: [average-pooled token, all tokens] after the final norm (no CLS token).
-            x = self.backbone.forward_features(x).flatten(1, 2)  # [B, H*W, C]
+            x = backbone.forward_features(x).flatten(1, 2)  # [B, H*W, C]
             return torch.cat([x.mean(1, keepdim=True), x], dim=1)
         if self.embed_mode == "vit_tokens":
-            return self.backbone.forward_features(x)  # after the final LayerNorm, as iBOT's teacher
+            return backbone.forward_features(x)  # after the final LayerNorm, as iBOT's teacher
         if self.embed_mode == "student_tokens":
-            return self.backbone.forward_tokens(x)
-        return self.backbone(x)
+            return backbone.forward_tokens(x)
+        return backbone(x)
 
     def head_forward(self, embedding: torch.Tensor) -> TeacherOutput:
         """Head outputs from :meth:`embed`'s result (e.g. a cached one)."""
@@ -271,9 +276,11 @@ class Teacher(nn.Module):
         return TeacherOutput(features=features, logits=out, patch_logits=patch_logits)
 
     def forward(self, x: torch.Tensor) -> TeacherOutput:
+        """``[B, 3, H, W] -> TeacherOutput`` (features, logits, iBOT patch logits)."""
         return self.head_forward(self.embed(x))
 
     def extra_repr(self) -> str:
+        """Name, family, sizes and resolution for ``repr``."""
         return (
             f"name={self.name!r}, family={self.family!r}, embed_dim={self.embed_dim}, "
             f"num_prototypes={self.num_prototypes}, resolution={self.resolution}"

@@ -25,7 +25,7 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank in the default group; 0 when not distributed."""
+    """The rank of the current process in the default group; 0 when not distributed."""
     return dist.get_rank() if is_dist() else 0
 
 
@@ -50,7 +50,8 @@ def all_gather_cat(t: Tensor) -> Tensor:
 
 def broadcast(t: Tensor, src: int = 0) -> Tensor:
     """``t`` as process ``src`` holds it, copied in place on every process (and returned); a no-op
-    on a single process."""
+    on a single process.
+    """
     if is_dist() and world_size() > 1:
         dist.broadcast(t, src=src)
     return t

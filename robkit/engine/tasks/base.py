@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ class Online(nn.Module):
         self.channels_last = channels_last
 
     def features(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Student features of every view, crop-major ``[S·B, D]`` (one forward per resolution group)."""
         feats = []
         for g in size_groups(views):
             x = torch.cat([views[i] for i in g]) if len(g) > 1 else views[g[0]]
@@ -59,10 +61,11 @@ class Online(nn.Module):
         n_global: int = 0,
         masks: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
-    ):
+    ) -> Any:
         """Plain multi-crop forward, or (``masks``/``keep`` given, ViT students) the first ``n_global``
         views through ``forward_tokens`` with iBOT masks or MSN patch drop.  Everything goes through
-        this one forward so DistributedDataParallel sees every parameter use."""
+        this one forward so DistributedDataParallel sees every parameter use.
+        """
         if masks is None and keep is None:
             return self.head(self.features(views))
         g = torch.cat(views[:n_global])
@@ -76,6 +79,7 @@ class Online(nn.Module):
         return self.head(feats)
 
     def add_mask_token(self) -> None:
+        """Add the learnable iBOT mask token ``[embed_dim]`` (truncated normal, std 0.02)."""
         self.mask_token = nn.Parameter(torch.zeros(self.student.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -89,7 +93,7 @@ def momentum_copy(online: nn.Module) -> nn.Module:
     target = copy.deepcopy(online)
     for m in target.modules():
         if hasattr(m, "drop_prob"):
-            m.drop_prob = 0.0
+            m.drop_prob = 0.0  # type: ignore[assignment]  # torch types unknown attributes Tensor | Module
     for p in target.parameters():
         p.requires_grad_(False)
     return target
@@ -120,7 +124,8 @@ class Task(nn.Module):
     """Base class: subclasses set ``online`` and ``loss`` and implement ``forward``."""
 
     method: str = ""
-    online: nn.Module
+    online: Online
+    _online_ref: nn.Module | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,28 +134,35 @@ class Task(nn.Module):
         self._gen = torch.Generator()
 
     def wrap_online(self, wrapped: nn.Module) -> None:
+        """Run ``online`` through ``wrapped`` (its DDP wrapper), kept out of the module tree."""
         object.__setattr__(self, "_online_ref", wrapped)
 
     def reseed(self, seed: int) -> None:
         """Seed the task's own randomness (masks, patch drop) for this step: exact resume."""
         self._gen.manual_seed(seed)
 
-    def run_online(self, views: list[torch.Tensor], **kwargs):
+    def run_online(self, views: list[torch.Tensor], **kwargs: Any) -> Any:
+        """The online forward of ``views`` (through the DDP wrapper, if any) with ``kwargs``."""
         return (self._online_ref or self.online)(views, **kwargs)
 
     @property
     def student(self) -> Student:
+        """The online student backbone."""
         return self.online.student
 
     @property
     def head(self) -> nn.Module:
+        """The online head."""
         return self.online.head
 
     def before_optimizer_step(self, epoch: float) -> None:
+        """Hook after the backward pass, before the optimiser step (``epoch``: fractional); none here."""
         pass
 
     def after_optimizer_step(self, ema_momentum: float) -> None:
+        """Hook after the optimiser step (EMA updates with ``ema_momentum``); none here."""
         pass
 
     def eval_backbone(self) -> nn.Module:
+        """The network that is evaluated and exported: the online student."""
         return self.online.student

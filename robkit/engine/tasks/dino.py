@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -31,20 +33,23 @@ class DINOTask(Task):
         self.n_global = n_global
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
 
-    def forward(self, views: list[torch.Tensor], epoch: float):
+    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Crop-major views ``[B, 3, H, W]`` (globals first) -> ``(loss, parts)`` against the EMA teacher."""
         with torch.no_grad():
             t = self.teacher(views[: self.n_global])
         s = self.run_online(views)
         return self.loss(s, t, epoch)
 
     def before_optimizer_step(self, epoch: float) -> None:
+        """Drop the head's last-layer gradients while ``epoch < freeze_last_layer_epochs``."""
         # DINO cancels the last layer's gradients during the first epoch(s): it stabilises training.
         if epoch < self.freeze_last_layer_epochs:
-            for p in self.online.head.last_layer.parameters():
+            for p in cast(DINOHead, self.online.head).last_layer.parameters():
                 p.grad = None
 
     @torch.no_grad()
     def after_optimizer_step(self, ema_momentum: float) -> None:
+        """EMA step of the teacher's parameters towards the student's; the student's buffers are copied."""
         ema_update_(momentum_pairs(self.teacher, self.online), ema_momentum)
         # BatchNorm statistics are not averaged: the teacher takes the student's.
         for bt, bs in zip(self.teacher.buffers(), self.online.buffers()):

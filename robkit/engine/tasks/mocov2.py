@@ -40,7 +40,8 @@ class MoCoTask(Task):
         self.loss = loss
         self.key_momentum = key_momentum
 
-    def forward(self, views: list[torch.Tensor], epoch: float):
+    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Views ``[B, 3, H, W]`` -> ``(loss, parts)``: view 0 keys, the rest queries; ``epoch`` unused."""
         with torch.no_grad():
             self._momentum_update()  # MoCo updates the key encoder inside the forward, before the keys
             k = self._keys(views[0])

@@ -6,7 +6,8 @@ each teacher family and the task itself.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,16 @@ from robkit.models.students import Student
 from robkit.objectives import masking
 from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 
+if TYPE_CHECKING:
+    from robkit.teachers.teacher import TeacherOutput
+
 
 def teacher_input(
-    views: list[torch.Tensor], student_mean, student_std, teacher, resolution: int | None = None
+    views: list[torch.Tensor],
+    student_mean: Sequence[float],
+    student_std: Sequence[float],
+    teacher: Any,
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """The student's global views re-normalised (and resized) for the teacher: identical views."""
     x = torch.cat(views)
@@ -102,8 +110,8 @@ class RoBTask(Task):
         teacher: nn.Module,
         family: str,
         n_global: int = 2,
-        student_mean=IMAGENET_MEAN,
-        student_std=IMAGENET_STD,
+        student_mean: Sequence[float] = IMAGENET_MEAN,
+        student_std: Sequence[float] = IMAGENET_STD,
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         mask_p_zero: float = 0.5,
         patch_drop: float = 0.0,
@@ -129,9 +137,10 @@ class RoBTask(Task):
 
     @property
     def frozen_teacher(self) -> nn.Module:
+        """The frozen teacher (not a registered submodule)."""
         return self.teacher[0]
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RoBTask:
         # .to() / .cuda() / .half() reach modules through _apply: the teacher follows the task's
         # device (and dtype, where asked) although it is not a registered submodule.
         super()._apply(fn, recurse)
@@ -139,7 +148,8 @@ class RoBTask(Task):
             self.frozen_teacher._apply(fn)
         return self
 
-    def teacher_targets(self, views: list[torch.Tensor]):
+    def teacher_targets(self, views: list[torch.Tensor]) -> TeacherOutput:
+        """The frozen teacher's outputs on the global views, re-normalised for it (inference mode)."""
         x = teacher_input(
             views[: self.n_global],
             self.student_mean,
@@ -151,7 +161,10 @@ class RoBTask(Task):
             out = self.frozen_teacher(x)
         return out
 
-    def forward(self, views: list[torch.Tensor], epoch: int, teacher_out=None):
+    def forward(
+        self, views: list[torch.Tensor], epoch: int, teacher_out: TeacherOutput | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Crop-major views ``[B, 3, H, W]`` -> ``(loss, parts)``; ``teacher_out``: cached targets, if any."""
         t = teacher_out if teacher_out is not None else self.teacher_targets(views)
         t_logits = t.logits.clone().float()
         if self.use_masks or self.patch_drop > 0:
@@ -161,10 +174,13 @@ class RoBTask(Task):
             s = s[1]  # the student's own prototype scores
         return self.loss(s, t_logits)
 
-    def _forward_vit(self, views, t, t_logits):
+    def _forward_vit(
+        self, views: list[torch.Tensor], t: TeacherOutput, t_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         student = self.online.student
         g0 = views[0]
         p = student.patch_size
+        assert p is not None  # masks and patch drop are for ViT students only
         grid = (-(-g0.shape[-2] // p), -(-g0.shape[-1] // p))  # ceil: the ViT pads to whole patches
         n = g0.shape[0] * self.n_global
         # Masks and kept indices are drawn on the host from the task's CPU generator (the same

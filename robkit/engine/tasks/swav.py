@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -28,11 +30,13 @@ class SwAVTask(Task):
         self.loss = loss
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
 
-    def forward(self, views: list[torch.Tensor], epoch: float):
-        self.online.head.normalize_prototypes()
+    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Crop-major views ``[B, 3, H, W]`` -> ``(loss, parts)``; normalises the prototypes first."""
+        cast(SwAVHead, self.online.head).normalize_prototypes()
         emb, scores = self.run_online(views)
-        return self.loss(emb, scores, self.online.head.prototypes.weight, epoch)
+        return self.loss(emb, scores, cast(SwAVHead, self.online.head).prototypes.weight, epoch)
 
     def before_optimizer_step(self, epoch: float) -> None:
+        """Drop the prototypes' gradient while ``epoch < freeze_prototypes_epochs``."""
         if epoch < self.freeze_prototypes_epochs:
-            self.online.head.prototypes.weight.grad = None
+            cast(SwAVHead, self.online.head).prototypes.weight.grad = None
