@@ -95,7 +95,7 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
         head = pretrain_head(method, d, head_spec)
         out_dim = _required(recipe, "head", head_spec.out_dim, "out_dim")
         loss: nn.Module = DINOLoss(
-            out_dim, n_global=n_global, n_local=n_local, n_epochs=epochs, **_kwargs(loss_spec)
+            out_dim, n_global=n_global, n_local=n_local, n_epochs=epochs, **dataclasses.asdict(loss_spec)
         )
         return DINOTask(
             student,
@@ -114,7 +114,7 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
             embed_dim=_required(recipe, "head", head_spec.out_dim, "out_dim"),
             n_global=n_global,
             n_local=n_local,
-            **_kwargs(loss_spec),
+            **dataclasses.asdict(loss_spec),
         )
         return SwAVTask(
             student, cast(SwAVHead, head), loss, recipe.optim.freeze_prototypes_epochs, channels_last
@@ -128,7 +128,7 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
             )
         head = pretrain_head(method, d, head_spec)
         dim = _required(recipe, "head", head_spec.out_dim, "out_dim")  # the loss works on the head's output
-        loss = MoCoV2Loss(dim=dim, n_local=n_local, **_kwargs(loss_spec))
+        loss = MoCoV2Loss(dim=dim, n_local=n_local, **dataclasses.asdict(loss_spec))
         return MoCoTask(
             student,
             cast(MLPHead, head),
@@ -137,11 +137,6 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
             channels_last=channels_last,
         )
     raise RecipeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-
-
-def _kwargs(spec: Any) -> dict[str, Any]:
-    """A loss spec's fields as the objective's keyword arguments (tuples kept)."""
-    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
 
 
 HEAD_FAMILIES = {"DINOHead": "dino", "iBOTHead": "ibot", "SwAVHead": "swav", "MSNHead": "msn"}
@@ -413,6 +408,7 @@ def _fit(
 ) -> tuple[dict[str, Any], Path]:
     views = build_views(cfg.views)
     student = task.student
+    record = cfg.to_dict()
     identity: dict[str, Any] = {"data": _fingerprint(ds)}
     if teacher_rec is not None:
         identity["teacher_sha256"] = teacher_rec.get("sha256")
@@ -422,7 +418,7 @@ def _fit(
         kind=kind,
         method=task.method,
         student={"arch": student.arch, "kwargs": student.build_kwargs},
-        config=cfg.to_dict(),
+        config=record,
         normalization={"mean": list(views.mean), "std": list(views.std)},
         resolution=cfg.views.global_size_px,
         teacher=teacher_rec,
@@ -438,7 +434,7 @@ def _fit(
     atomic_write_text(
         out_dir / "config.yaml",
         yaml.safe_dump(
-            {**cfg.to_dict(), "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
+            {**record, "data": {"spec": _spec(data), "images": len(ds)}, "teacher": teacher_rec},
             sort_keys=False,
         ),
     )

@@ -165,13 +165,13 @@ def export_model(
         # Metadata goes in before the file runs: the file measured is the file that ships. The embedded
         # card has provenance, I/O contract and conversion; the parity numbers are in the sidecar card,
         # next to the hash of these very bytes.
-        embedded = {**card, "conversion": conversion, "quantization": plan.as_dict() if plan else None}
+        card["quantization"] = plan.as_dict() if plan is not None else None
+        embedded = {**card, "conversion": conversion}
         card["metadata_embedded"] = backend.embed(out, embedded, labels)
         conversion["parity_file_sha256"] = cards.sha256(out)
         outputs, note, facts = backend.run(out, job, converted)
     conversion.update(facts)
     card["conversion"] = conversion
-    card["quantization"] = plan.as_dict() if plan is not None else None
 
     report = compare(
         outputs,
