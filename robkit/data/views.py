@@ -200,17 +200,25 @@ class MultiCropViews:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         out: list[torch.Tensor] = []
         i = 0
+        # Blur radii are read from the host copy of the parameters: reading them on the device
+        # would make every step wait for it.
+        radii = [
+            blur_radius(float(cp.blur_sigma.max()), size, size) if bool((cp.blur_sigma > 0).any()) else 0
+            for cp, size in ((c, self.crop_size(first_crop + k)) for k, c in enumerate(params.crops))
+        ]
         crops = [cp.to(x.device) for cp in params.crops]
         while i < len(crops):  # one roi_align per run of same-size crops
             size = self.crop_size(first_crop + i)
             j = i
             while j < len(crops) and self.crop_size(first_crop + j) == size:
                 j += 1
-            out.extend(self._render_group(x, crops[i:j], size))
+            out.extend(self._render_group(x, crops[i:j], size, radii[i:j]))
             i = j
         return out
 
-    def _render_group(self, x: torch.Tensor, crops: list[CropParams], size: int) -> list[torch.Tensor]:
+    def _render_group(
+        self, x: torch.Tensor, crops: list[CropParams], size: int, radii: list[int]
+    ) -> list[torch.Tensor]:
         b = x.shape[0]
         n = len(crops)
         boxes = torch.cat([cp.boxes for cp in crops], 0).to(x.dtype)
@@ -230,7 +238,7 @@ class MultiCropViews:
             vk = v[k * b : (k + 1) * b]
             vk = _color_jitter(vk, cp.jitter, cp.jitter_on, cp.jitter_order)
             vk = torch.where(cp.gray.view(-1, 1, 1, 1), _gray(vk).expand_as(vk), vk)
-            vk = _gaussian_blur(vk, cp.blur_sigma)
+            vk = _gaussian_blur(vk, cp.blur_sigma, radii[k])
             vk = torch.where(cp.solarize.view(-1, 1, 1, 1), torch.where(vk >= 0.5, 1.0 - vk, vk), vk)
             views.append(vk)
         m = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -350,18 +358,17 @@ def blur_radius(sigma: float, h: int, w: int) -> int:
     return max(0, min(int(math.ceil(3 * sigma)), min(h, w) - 1))
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma in pixels (0 = unchanged), reflect padding.
 
     Image ``i`` gets torchvision's ``gaussian_blur(kernel_size=2 r + 1, sigma=sigma[i])`` with
     ``r = blur_radius(sigma[i], h, w)``: one convolution as wide as the largest radius, each
     image's taps beyond its own radius set to zero, so a view does not depend on the rest of the
-    batch.
+    batch.  ``radius``: the largest radius, when the caller knows it without reading ``sigma``.
     """
-    if not bool((sigma > 0).any()):
-        return x
     b, c, h, w = x.shape
-    radius = blur_radius(float(sigma.max()), h, w)
+    if radius is None:
+        radius = blur_radius(float(sigma.max()), h, w) if bool((sigma > 0).any()) else 0
     if radius == 0:
         return x
     r_img = torch.clamp(torch.ceil(3 * sigma.double()), max=min(h, w) - 1).view(-1, 1)  # as blur_radius

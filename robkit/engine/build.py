@@ -20,6 +20,7 @@ from torch import nn
 from robkit.data.datasets import DataError, data_fingerprint, open_dataset
 from robkit.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropViews
 from robkit.engine.config import deep_merge, load_recipe, resolve_recipe_name
+from robkit.engine.hardware import TEACHER_PRECISIONS
 from robkit.engine.recipe import (
     DINOLossSpec,
     HeadSpec,
@@ -172,6 +173,10 @@ def build_rob_task(
     if not isinstance(recipe.loss, RoBLossSpec):
         raise RecipeError(f"recipe {recipe.name!r} is a {recipe.method} recipe; RoB needs a rob-* recipe")
     v, rob = recipe.views, recipe.rob or RoBSpec()
+    if rob.teacher_precision not in TEACHER_PRECISIONS:
+        raise RecipeError(
+            f"rob.teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, got {rob.teacher_precision!r}"
+        )
     head_opts = recipe.head.options()
     k = int(teacher.num_prototypes)
     head = rob_student_head(
@@ -195,6 +200,8 @@ def build_rob_task(
         patch_drop=rob.patch_drop,
         teacher_resolution=teacher_resolution(rob.teacher_resolution, v),
         channels_last=channels_last,
+        teacher_precision=rob.teacher_precision,
+        compile_teacher=rob.teacher_compile,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import cache
 
@@ -60,6 +61,42 @@ def resolve_precision(precision: str, device: torch.device, model: torch.nn.Modu
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision: bf16 or fp16, ``None`` for fp32 (no autocast)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def teacher_autocast(setting: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context a frozen teacher runs under (``rob.teacher_precision``).
+
+    ``auto``: bf16 on a CUDA device that runs it (a frozen network loses nothing a student can
+    see: the drift is bounded in ``tests/test_teacher_precision.py``), else the engine's own
+    autocast (no change of context). ``fp32`` turns autocast off for the teacher; ``bf16`` /
+    ``fp16`` force that dtype (fp16 on CUDA only).
+    """
+    if setting not in TEACHER_PRECISIONS:
+        raise RecipeError(
+            f"rob.teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, got {setting!r}"
+        )
+    if setting == "auto":
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+    if setting == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if setting == "fp16" and device.type != "cuda":
+        raise RecipeError("rob.teacher_precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if setting == "bf16" else torch.float16)
+
+
+def resolve_teacher_precision(setting: str, device: torch.device, engine_precision: str) -> str:
+    """What :func:`teacher_autocast` amounts to under the engine's resolved ``engine_precision``."""
+    teacher_autocast(setting, device)  # validates the setting for this device
+    if setting != "auto":
+        return setting
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return engine_precision
 
 
 def usable_cores() -> int:

@@ -175,11 +175,13 @@ class TrainSpec:
 @dataclass(frozen=True)
 class RoBSpec:
     """Distillation settings: the teacher's input resolution (``native``, ``student`` or pixels), its
-    precision, iBOT masking and MSN patch drop.
+    precision (``auto``: bf16 on CUDA, else the engine's; ``fp32``, ``bf16``, ``fp16``), whether it
+    runs through ``torch.compile``, iBOT masking and MSN patch drop.
     """
 
     teacher_resolution: str | int = "native"
     teacher_precision: str = "auto"
+    teacher_compile: bool = False
     mask_ratio_range: tuple[float, float] = (0.1, 0.5)
     mask_p_zero: float = 0.5
     patch_drop: float = 0.0

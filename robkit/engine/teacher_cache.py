@@ -287,7 +287,7 @@ def build_cache(
         teacher_head_family,
         teacher_resolution,
     )
-    from robkit.engine.hardware import autocast_dtype, resolve_precision
+    from robkit.engine.hardware import autocast_dtype, resolve_precision, resolve_teacher_precision
     from robkit.engine.tasks.rob import teacher_input
     from robkit.engine.trainer import step_generator
     from robkit.models.students import STUDENTS
@@ -313,7 +313,12 @@ def build_cache(
         )
     res = teacher_resolution((cfg.rob or RoBSpec()).teacher_resolution, cfg.views)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = autocast_dtype(resolve_precision(cfg.train.precision, dev))
+    # The teacher runs at rob.teacher_precision (auto: bf16 on CUDA, else the run's precision).
+    amp = autocast_dtype(
+        resolve_teacher_precision(
+            (cfg.rob or RoBSpec()).teacher_precision, dev, resolve_precision(cfg.train.precision, dev)
+        )
+    )
     tch.to(dev)
 
     recipe_fp, data_fp = recipe_fingerprint(cfg), data_fingerprint(ds)

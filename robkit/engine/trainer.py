@@ -29,8 +29,9 @@ from tqdm import tqdm
 from robkit.data.datasets import DataError, ImageTensorDataset
 from robkit.data.views import MultiCropViews
 from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
-from robkit.engine.hardware import autocast_dtype, resolve_precision
+from robkit.engine.hardware import autocast_dtype
 from robkit.engine.optim import build_optimizer, param_groups
+from robkit.engine.precision import choose_precision
 from robkit.engine.recipe import EMASpec, OptimSpec
 from robkit.engine.runlog import RunLog
 from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
@@ -69,6 +70,9 @@ class TrainOptions:
     progress: bool = True
     tensorboard: bool = True
     device: str = "auto"
+    # Steps between reads of the loss on an accelerator (each read waits for the device); the
+    # NaN check, the log rows and the bar are updated once per window. A CPU reads every step.
+    sync_every: int = 25
 
 
 @dataclass
@@ -208,7 +212,15 @@ class Trainer:
         if dev == "cuda" and self.world > 1:
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = torch.device(dev)
-        self.precision = resolve_precision(opts.precision, self.device, task.student)
+        crops = [views.global_size_px] * views.n_global + [views.local_size_px] * views.n_local
+        self.precision, self.precision_choice = choose_precision(
+            opts.precision,
+            self.device,
+            task.online,
+            str(meta.student.get("arch", type(task.student).__name__)),
+            crops,
+            channels_last=opts.channels_last and not task.student.is_vit,
+        )
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self._resume_ckpt: dict[str, Any] | None = None
 
@@ -247,6 +259,11 @@ class Trainer:
             stored = {"batch_size": st["batch_size"], "world_size": st.get("world_size", 1)}
             now = {k: self._identity()[k] for k in stored}
         else:
+            if self.opts.precision == "auto" and stored.get("precision") in ("fp32", "bf16", "fp16"):
+                # auto resumes with the stored run's choice: a new probe may pick otherwise on a
+                # noisy machine, and the run must continue exactly as it was.
+                self.precision = str(stored["precision"])
+                self.precision_choice = {"rule": "resumed"}
             now = self._identity()
         diff = _leaf_diff(stored, now)
         if diff:
@@ -438,6 +455,8 @@ class Trainer:
 
         ``resume``: continue the run's checkpoint exactly (see :meth:`check_resume`).
         """
+        if resume and self._resume_ckpt is None:
+            self.check_resume()  # before _build: an auto precision takes the stored run's choice
         self._build()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.skipped: set[str] = set()
@@ -466,46 +485,94 @@ class Trainer:
             disable=not self.opts.progress or self.rank != 0,
             desc=f"{self.task.method} {self.meta.student['arch']}",
         )
+        sync_every = self._sync_every()
+        last_loss = float("nan")
+        pending: list[tuple[dict[str, Any], torch.Tensor, dict[str, Any]]] = []
+        window = {"t": time.time(), "images": 0}
+
+        def flush() -> None:
+            """Read the pending steps' losses (one wait for the device), check them, log them."""
+            nonlocal last_loss
+            if not pending:
+                return
+            rate = window["images"] / max(time.time() - window["t"], 1e-9)
+            for row, loss, parts in pending:
+                value = float(loss)
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"the loss became {value} at epoch {row['epoch']}, step {row['step']}. The last good "
+                        f"checkpoint is {self.ckpt_path} (continue with --resume). Try a lower "
+                        "optim.base_lr, optim.clip_grad=3.0, or train.precision=fp32."
+                    )
+                last_loss = value
+                row |= {
+                    "loss": value,
+                    **{
+                        f"loss_{k.removeprefix('loss_')}": float(v)
+                        for k, v in parts.items()
+                        if "loss" in k and not (isinstance(v, float) and math.isnan(v))
+                    },
+                    "img_per_s": rate,
+                }
+                if runlog is not None:
+                    runlog.add(row)
+            bar.update(window["images"])
+            bar.set_postfix(
+                ep=pending[-1][0]["epoch"], loss=f"{last_loss:.4f}", lr=f"{pending[-1][0]['lr']:.2e}"
+            )
+            pending.clear()
+            window.update(t=time.time(), images=0)
+
         try:
             t_start = time.time()
-            last_loss = float("nan")
+            self.data_wait_s = 0.0
             stopped_early = False
             metrics: dict[str, Any] = {}
             self.task.train()
             while epoch < self.opts.epochs and not stopped_early:
                 t_epoch, n_img = time.time(), 0
-                for step_in_epoch, (imgs, hw) in enumerate(self._epoch_batches(epoch, step0), start=step0):
+                batches = self._epoch_batches(epoch, step0)
+                step_in_epoch = step0
+                while True:
+                    t_wait = time.time()
+                    try:
+                        imgs, hw = next(batches)
+                    except StopIteration:
+                        break
+                    data_s = time.time() - t_wait
+                    self.data_wait_s += data_s
                     if gstep >= limit or (
                         self.opts.max_seconds and time.time() - t_start > self.opts.max_seconds
                     ):
                         stopped_early = True
                         break
-                    t0 = time.time()
                     loss, parts = self._step(imgs, hw, epoch, gstep, amp)
                     gstep += 1
-                    dt = time.time() - t0
+                    step_in_epoch += 1
                     n_img += imgs.shape[0] * self.world
-                    last_loss = float(loss)
-                    row = {
-                        "step": gstep,
-                        "epoch": epoch,
-                        "loss": last_loss,
-                        **{
-                            f"loss_{k.removeprefix('loss_')}": float(v)
-                            for k, v in parts.items()
-                            if "loss" in k
-                        },
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "wd": self.optimizer.param_groups[0]["weight_decay"],
-                        "img_per_s": imgs.shape[0] * self.world / max(dt, 1e-9),
-                    }
-                    if runlog is not None:
-                        runlog.add(row)
-                    bar.update(imgs.shape[0] * self.world)
-                    bar.set_postfix(ep=epoch, loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
-                    if self.opts.checkpoint_every_steps and gstep % self.opts.checkpoint_every_steps == 0:
-                        self._checkpoint(epoch, step_in_epoch + 1, gstep, metrics)
-                else:
+                    window["images"] += imgs.shape[0] * self.world
+                    pending.append(
+                        (
+                            {
+                                "step": gstep,
+                                "epoch": epoch,
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "wd": self.optimizer.param_groups[0]["weight_decay"],
+                                "data_s": data_s,
+                            },
+                            loss,
+                            parts,
+                        )
+                    )
+                    checkpoint_now = bool(
+                        self.opts.checkpoint_every_steps and gstep % self.opts.checkpoint_every_steps == 0
+                    )
+                    if len(pending) >= sync_every or checkpoint_now:
+                        flush()  # a checkpoint is written only after its steps' losses were checked
+                    if checkpoint_now:
+                        self._checkpoint(epoch, step_in_epoch, gstep, metrics)
+                flush()
+                if not stopped_early:
                     step0 = 0
                     metrics = {
                         "epoch": epoch + 1,
@@ -532,6 +599,9 @@ class Trainer:
                 "seconds": round(elapsed, 1),
                 "skipped_images": len(self.skipped),
                 "finished": finished,
+                # the share of the run's wall time spent waiting for the next batch
+                "data_wait_fraction": round(self.data_wait_s / max(elapsed, 1e-9), 4),
+                "precision": self.precision,
             }
             self._checkpoint(
                 epoch, 0 if finished else step_in_epoch, gstep, metrics, final=finished, at_end=True
@@ -545,9 +615,13 @@ class Trainer:
             self._close_loader()
         return metrics
 
+    def _sync_every(self) -> int:
+        """Steps per read of the loss: every step on a CPU (reading costs nothing there)."""
+        return 1 if self.device.type == "cpu" else max(1, self.opts.sync_every)
+
     def _step(
         self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp: torch.dtype | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         g = step_generator(self.opts.seed, gstep)
         step_in_epoch = gstep - epoch * self.steps_per_epoch
         self.task.reseed(_mix_seed(self.opts.seed, gstep, self.rank, 31))
@@ -578,12 +652,6 @@ class Trainer:
             else:
                 t_out = self.target_source.targets(epoch, step_in_epoch, rows, self.device)
                 loss, parts = self.task(views, progress, teacher_out=t_out)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the loss became {float(loss)} at epoch {epoch}, step {gstep}. The last good checkpoint is "
-                f"{self.ckpt_path} (continue with --resume). Try a lower optim.base_lr, optim.clip_grad=3.0, "
-                "or train.precision=fp32."
-            )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -600,8 +668,5 @@ class Trainer:
         else:
             self.optimizer.step()
         self.task.after_optimizer_step(float(self.ema_sched[gstep]))
-        return loss.detach(), {
-            k: (float(v) if not isinstance(v, float) else v)
-            for k, v in parts.items()
-            if not (isinstance(v, float) and math.isnan(v))
-        }
+        # The loss and its parts stay on the device: fit() reads them once per sync window.
+        return loss.detach(), parts

@@ -17,6 +17,8 @@ official ``DINOLoss`` in ``main_dino.py`` and SSLight's ``sslight/utils/loss.py`
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -123,7 +125,7 @@ class DINOLoss(nn.Module):
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, epoch: float
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Student ``[S*B, K]``, teacher ``[n_global*B, K]`` logits -> ``(loss, parts)``; center updated."""
         n_crops = self.n_global + self.n_local
         b = batch_size_of(teacher_logits.shape[0], self.n_global, "teacher_logits")

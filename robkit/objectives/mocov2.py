@@ -18,6 +18,8 @@ The loss is asymmetric, as SSLight's ``MOCOLoss``:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,8 +66,12 @@ class MoCoV2Loss(nn.Module):
         self.n_local, self.alpha, self.global_only = n_local, alpha, global_only
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # A host copy of the pointer, so that enqueuing never waits for the device; it is re-read
+        # from the buffer once after a load_state_dict (a resumed run).
+        self._ptr_host: int | None = 0
+        self.register_load_state_dict_post_hook(_forget_host_pointer)
 
-    def forward(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Queries ``[(1+n_local)*B, dim]`` and keys ``[B, dim]`` -> ``(loss, parts)``; enqueues the keys."""
         n_chunks = 1 + self.n_local
         b = batch_size_of(keys.shape[0], 1, "keys")
@@ -94,8 +100,13 @@ class MoCoV2Loss(nn.Module):
             ces.append(F.cross_entropy(logits, labels))
         loss, parts = combine_terms(ces[:1], ces[1:], self.alpha, self.global_only)
         self.dequeue_and_enqueue(k)
-        parts["queue_ptr"] = float(self.queue_ptr.item())
+        parts["queue_ptr"] = float(self._host_pointer())
         return loss, parts
+
+    def _host_pointer(self) -> int:
+        if self._ptr_host is None:
+            self._ptr_host = int(self.queue_ptr.item())
+        return self._ptr_host
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys: Tensor) -> None:
@@ -103,9 +114,10 @@ class MoCoV2Loss(nn.Module):
         keys = dist_utils.all_gather_cat(keys.detach())
         n = keys.shape[0]
         self._check_queue_size(n)
-        ptr = int(self.queue_ptr.item())
+        ptr = self._host_pointer()
         self.queue[:, ptr : ptr + n] = keys.t().to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % self.queue_size
+        self._ptr_host = (ptr + n) % self.queue_size
+        self.queue_ptr.fill_(self._ptr_host)
 
     def _check_queue_size(self, global_batch: int) -> None:
         if self.queue_size % global_batch != 0:
@@ -114,3 +126,8 @@ class MoCoV2Loss(nn.Module):
                 f"(per-process batch x {dist_utils.world_size()} processes); set loss.queue_size to a multiple "
                 f"of it, e.g. {max(global_batch, self.queue_size // global_batch * global_batch)}"
             )
+
+
+def _forget_host_pointer(module: nn.Module, incompatible_keys: object) -> None:  # noqa: ARG001
+    """After ``load_state_dict`` the buffer holds the pointer: read it again on the next use."""
+    module._ptr_host = None  # type: ignore[assignment]

@@ -19,6 +19,7 @@ crops) and MoCo-v2* (one global query chunk and ``n_local`` local ones).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,16 +79,20 @@ def pair_weights(n_gg: int, n_gl: int, alpha: float | None, global_only: bool = 
 
 def combine_terms(
     terms_gg: list[Tensor], terms_gl: list[Tensor], alpha: float | None, global_only: bool = False
-) -> tuple[Tensor, dict[str, float]]:
-    """Weighted loss from per-pair terms, plus the logged group means (NaN for an empty group)."""
+) -> tuple[Tensor, dict[str, Any]]:
+    """Weighted loss from per-pair terms, plus the logged group means (detached 0-d tensors; NaN for an
+    empty group).
+    """
     w_gg, w_gl = pair_weights(len(terms_gg), len(terms_gl), alpha, global_only)
     zero = (terms_gg or terms_gl)[0].new_zeros(())
     sum_gg = torch.stack(terms_gg).sum() if terms_gg else zero
     sum_gl = torch.stack(terms_gl).sum() if terms_gl else zero
     loss = w_gg * sum_gg + w_gl * sum_gl
-    parts = {
-        "loss_gg": float(sum_gg.detach()) / len(terms_gg) if terms_gg else float("nan"),
-        "loss_gl": float(sum_gl.detach()) / len(terms_gl) if terms_gl else float("nan"),
+    # Detached device tensors, not floats: reading them waits for the device, which the engine
+    # does once per log window rather than at every step.
+    parts: dict[str, Any] = {
+        "loss_gg": sum_gg.detach() / len(terms_gg) if terms_gg else float("nan"),
+        "loss_gl": sum_gl.detach() / len(terms_gl) if terms_gl else float("nan"),
     }
     return loss, parts
 

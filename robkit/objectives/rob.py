@@ -12,7 +12,7 @@ differ; each class docstring lists the differences.
 Batch layout (all losses): tensors are *crop-major*, row ``r`` is crop ``r // B`` of image
 ``r % B``.  Student tensors hold ``S`` crops, globals first then locals; teacher tensors hold only
 the ``T`` global crops, and teacher crop ``i`` is the same augmented image as student crop ``i``.
-Every ``forward`` returns ``(loss, parts)`` with ``parts`` a ``dict[str, float]`` for logging.
+Every ``forward`` returns ``(loss, parts)`` with ``parts`` the logged values (detached 0-d tensors or floats).
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _cross_entropy(target: Tensor, log_probs: Tensor) -> Tensor:
     return -(target * log_probs).sum(dim=-1)
 
 
-def _entropy(probs: Tensor) -> float:
-    return float(-(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean())
+def _entropy(probs: Tensor) -> Tensor:
+    """Mean target entropy, a detached 0-d tensor (read later: no wait for the device here)."""
+    return (-(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()).detach()
 
 
 class _PairedCrossEntropy(nn.Module):
@@ -151,7 +152,7 @@ class RoBDINOLoss(_PairedCrossEntropy):
         denominator = len(terms) if self.normalization == "pairs" else n_student
         return torch.stack(terms).sum() / denominator
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Student ``[S*B, K]`` and teacher ``[T*B, K]`` logits -> ``(loss, {"ce", "target_entropy"})``."""
         batch, n_student = _crop_layout(
             student_logits.shape[0],
@@ -163,7 +164,7 @@ class RoBDINOLoss(_PairedCrossEntropy):
         with torch.no_grad():
             targets = F.softmax(compute_dtype(teacher_logits.detach()) / self.teacher_temp, dim=-1)
         loss = self._reduce(self._pair_terms(student_logits, targets, batch, n_student), n_student)
-        return loss, {"ce": float(loss.detach()), "target_entropy": _entropy(targets)}
+        return loss, {"ce": loss.detach(), "target_entropy": _entropy(targets)}
 
 
 class RoBMSNLoss(RoBDINOLoss):
@@ -198,7 +199,7 @@ class RoBMSNLoss(RoBDINOLoss):
         teacher_logits: Tensor | None = None,
         *,
         teacher_probs: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Student logits ``[S*B, K]``, teacher cosines or probabilities ``[T*B, K]`` -> ``(loss, parts)``."""
         if (teacher_logits is None) == (teacher_probs is None):
             raise ValueError(
@@ -216,7 +217,7 @@ class RoBMSNLoss(RoBDINOLoss):
         )
         targets = compute_dtype(teacher_probs.detach())
         loss = self._reduce(self._pair_terms(student_logits, targets, batch, n_student), n_student)
-        return loss, {"ce": float(loss.detach()), "target_entropy": _entropy(targets)}
+        return loss, {"ce": loss.detach(), "target_entropy": _entropy(targets)}
 
 
 class RoBiBOTLoss(_PairedCrossEntropy):
@@ -275,14 +276,14 @@ class RoBiBOTLoss(_PairedCrossEntropy):
         student_patch: Tensor | None = None,
         teacher_patch: Tensor | None = None,
         masks: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Any]]:
         """CLS logits ``[S*B, K]``/``[T*B, K]``, optional patch logits ``[T*B, P, K]``, masks -> ``(loss, parts)``."""
         cls, cls_parts = self.cls_loss(student_cls, teacher_cls)
         parts = {"cls": cls_parts["ce"], "patch": 0.0, "target_entropy": cls_parts["target_entropy"]}
         if student_patch is None and teacher_patch is None:
             return self.lambda1 * cls, parts
         patch = self._patch_term(student_patch, teacher_patch, masks, teacher_cls.shape[0])
-        parts["patch"] = float(patch.detach())
+        parts["patch"] = patch.detach()
         return self.lambda1 * cls + self.lambda2 * patch, parts
 
     def _patch_term(
@@ -371,7 +372,7 @@ class RoBSwAVLoss(_PairedCrossEntropy):
                 [vissl_sinkhorn_knopp(c, self.epsilon, self.sinkhorn_iterations) for c in chunks]
             )
 
-    def forward(self, student_scores: Tensor, teacher_scores: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, student_scores: Tensor, teacher_scores: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Student ``[S*B, K]``, teacher ``[T*B, K]`` scores -> ``(loss, {"ce", "target_entropy"})``."""
         batch, n_student = _crop_layout(
             student_scores.shape[0],
@@ -386,7 +387,7 @@ class RoBSwAVLoss(_PairedCrossEntropy):
         for (t, _), term in zip(pair_mask(self.n_teacher_crops, n_student, self.cross_view), terms):
             per_teacher.setdefault(t, []).append(term)
         loss = torch.stack([torch.stack(v).mean() for v in per_teacher.values()]).mean()
-        return loss, {"ce": float(loss.detach()), "target_entropy": _entropy(targets)}
+        return loss, {"ce": loss.detach(), "target_entropy": _entropy(targets)}
 
 
 _FAMILIES: dict[str, type[nn.Module]] = {

@@ -22,6 +22,7 @@ official SwAV counts 313 iterations) -- see the SwAV training task.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,10 +105,14 @@ class SwAVLoss(nn.Module):
         self.register_buffer(
             "queue", torch.zeros(len(crops_for_assign) if queue_length else 0, queue_length, embed_dim)
         )
+        # Rows of the queue filled so far, kept on the host so that "is the queue full?" never waits
+        # for the device; re-read from the buffer once after a load_state_dict (a resumed run).
+        self._queue_rows: int | None = 0
+        self.register_load_state_dict_post_hook(_forget_queue_rows)
 
     def forward(
         self, embeddings: Tensor, scores: Tensor, prototypes: Tensor, epoch: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Embeddings ``[S*B, D]``, scores ``[S*B, K]`` and prototypes ``[K, D]`` -> ``(loss, parts)``."""
         n_crops = self.n_global + self.n_local
         b = batch_size_of(scores.shape[0], n_crops, "scores")
@@ -133,7 +138,8 @@ class SwAVLoss(nn.Module):
             for i, crop in enumerate(self.crops_for_assign):
                 out = scores_c[crop * b : (crop + 1) * b].detach()
                 if use_queue_now:
-                    if torch.any(self.queue[i, -1] != 0):
+                    # Official SwAV tests the queue's last row for zeros; it fills from the front.
+                    if self._filled_rows() >= self.queue_length:
                         queue_used = True
                         queued = self.queue[i].to(prototypes.dtype) @ prototypes.detach().t()
                         out = torch.cat([compute_dtype(queued).to(out.dtype), out])
@@ -148,6 +154,18 @@ class SwAVLoss(nn.Module):
         for q, v, is_gg in self.pairs:
             term = -torch.mean(torch.sum(codes[q] * log_p[v], dim=1))
             (terms_gg if is_gg else terms_gl).append(term)
+        if use_queue_now:
+            self._queue_rows = min(self._filled_rows() + b, self.queue_length)
         loss, parts = combine_terms(terms_gg, terms_gl, self.alpha)
         parts["queue_used"] = float(queue_used)
         return loss, parts
+
+    def _filled_rows(self) -> int:
+        if self._queue_rows is None:  # after a load: the rows whose embedding is not all zero
+            self._queue_rows = int((self.queue[0] != 0).any(dim=-1).sum()) if self.queue.numel() else 0
+        return self._queue_rows
+
+
+def _forget_queue_rows(module: nn.Module, incompatible_keys: object) -> None:  # noqa: ARG001
+    """After ``load_state_dict`` the buffer holds the queue: count its filled rows on the next use."""
+    module._queue_rows = None  # type: ignore[assignment]

@@ -24,7 +24,7 @@ from typing import Any
 
 from robkit import __version__
 from robkit.utils.errors import RobkitError
-from robkit.utils.files import atomic_write_json, child_path
+from robkit.utils.files import atomic_write_json, child_path, robkit_home
 from robkit.utils.files import sha256_file as _sha256_file
 
 CHUNK = 1 << 20
@@ -32,11 +32,6 @@ CHUNK = 1 << 20
 
 class DownloadError(RobkitError, RuntimeError):
     """A teacher file could not be fetched or failed verification."""
-
-
-def robkit_home() -> Path:
-    """The cache folder of robkit: ``$ROBKIT_HOME``, default ``~/.cache/robkit``."""
-    return Path(os.environ.get("ROBKIT_HOME") or "~/.cache/robkit").expanduser()
 
 
 def teachers_dir() -> Path:

@@ -275,9 +275,17 @@ class Teacher(nn.Module):
             out, patch_logits = out
         return TeacherOutput(features=features, logits=out, patch_logits=patch_logits)
 
-    def forward(self, x: torch.Tensor) -> TeacherOutput:
-        """``[B, 3, H, W] -> TeacherOutput`` (features, logits, iBOT patch logits)."""
-        return self.head_forward(self.embed(x))
+    def forward(self, x: torch.Tensor, patch_logits: bool = True) -> TeacherOutput:
+        """``[B, 3, H, W] -> TeacherOutput`` (features, logits, iBOT patch logits).
+
+        ``patch_logits=False`` runs an iBOT head on the CLS token only (``patch_logits`` is then
+        ``None``): the head is per-token, so the CLS logits are the same, and a student that
+        has no masked-patch term skips ``[B, N, K_p]`` of head work.
+        """
+        emb = self.embed(x)
+        if not patch_logits and emb.dim() == 3:
+            return self.head_forward(emb[:, 0])
+        return self.head_forward(emb)
 
     def extra_repr(self) -> str:
         """Name, family, sizes and resolution for ``repr``."""

@@ -28,6 +28,11 @@ class CheckpointError(RobkitError, RuntimeError):
     """A checkpoint could not be read or does not describe what was asked."""
 
 
+def robkit_home() -> Path:
+    """The cache folder of robkit: ``$ROBKIT_HOME``, default ``~/.cache/robkit``."""
+    return Path(os.environ.get("ROBKIT_HOME") or "~/.cache/robkit").expanduser()
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file beside ``path``; on a clean exit it is fsynced and renamed onto ``path``.

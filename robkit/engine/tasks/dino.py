@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class DINOTask(Task):
         self.n_global = n_global
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
 
-    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, Any]]:
         """Crop-major views ``[B, 3, H, W]`` (globals first) -> ``(loss, parts)`` against the EMA teacher."""
         with torch.no_grad():
             t = self.teacher(views[: self.n_global])

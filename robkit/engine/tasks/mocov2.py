@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -40,7 +42,7 @@ class MoCoTask(Task):
         self.loss = loss
         self.key_momentum = key_momentum
 
-    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, Any]]:
         """Views ``[B, 3, H, W]`` -> ``(loss, parts)``: view 0 keys, the rest queries; ``epoch`` unused."""
         with torch.no_grad():
             self._momentum_update()  # MoCo updates the key encoder inside the forward, before the keys

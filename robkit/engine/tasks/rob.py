@@ -7,12 +7,13 @@ each teacher family and the task itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robkit.engine.hardware import TEACHER_PRECISIONS, teacher_autocast
 from robkit.engine.tasks.base import Online, Task
 from robkit.models.heads import build_head
 from robkit.models.students import Student
@@ -95,9 +96,12 @@ class RoBTask(Task):
     """RoB (Duval et al. 2023): a frozen SSL teacher replaces one branch; identical-view targets.
 
     The teacher sees only the global views, re-normalised with its own statistics, in
-    inference mode (bf16 where the engine's autocast is on); it is never wrapped by DDP and
-    never saved.  ViT students get iBOT block masks on global views (RoB-iBOT) or MSN patch
-    drop (RoB-MSN) when the recipe asks for them.
+    inference mode under ``teacher_precision`` (:func:`robkit.engine.hardware.teacher_autocast`:
+    ``auto`` is bf16 on CUDA, else the engine's autocast); it is never wrapped by DDP and never
+    saved.  It computes iBOT patch logits only when the student uses them (a ViT student with
+    masks), and ``compile_teacher`` runs it through ``torch.compile`` (``compile_backend``).
+    ViT students get iBOT block masks on global views (RoB-iBOT) or MSN patch drop (RoB-MSN)
+    when the recipe asks for them.
     """
 
     method = "rob"
@@ -117,8 +121,18 @@ class RoBTask(Task):
         patch_drop: float = 0.0,
         teacher_resolution: int | None = None,
         channels_last: bool = False,
+        teacher_precision: str = "auto",
+        compile_teacher: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(
+                f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}"
+            )
+        self.teacher_precision = teacher_precision
+        self.compile_teacher, self.compile_backend = compile_teacher, compile_backend
+        self._compiled_teacher: Callable[..., TeacherOutput] | None = None
         self.online = Online(student, head, channels_last)
         self.family = family
         self.teacher_resolution = teacher_resolution
@@ -157,13 +171,24 @@ class RoBTask(Task):
             self.frozen_teacher,
             self.teacher_resolution,
         )
-        with torch.inference_mode():
-            out = self.frozen_teacher(x)
+        with torch.inference_mode(), teacher_autocast(self.teacher_precision, x.device):
+            out = self._teacher_fn()(x, patch_logits=self.use_masks)
         return out
+
+    def _teacher_fn(self) -> Callable[..., TeacherOutput]:
+        """The teacher's forward, compiled on first use when asked (after ``.to()`` placed it)."""
+        if not self.compile_teacher:
+            return self.frozen_teacher
+        if self._compiled_teacher is None:
+            self._compiled_teacher = cast(
+                "Callable[..., TeacherOutput]",
+                torch.compile(self.frozen_teacher, backend=self.compile_backend, dynamic=False),
+            )
+        return self._compiled_teacher
 
     def forward(
         self, views: list[torch.Tensor], epoch: int, teacher_out: TeacherOutput | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Crop-major views ``[B, 3, H, W]`` -> ``(loss, parts)``; ``teacher_out``: cached targets, if any."""
         t = teacher_out if teacher_out is not None else self.teacher_targets(views)
         t_logits = t.logits.clone().float()
@@ -176,7 +201,7 @@ class RoBTask(Task):
 
     def _forward_vit(
         self, views: list[torch.Tensor], t: TeacherOutput, t_logits: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         student = self.online.student
         g0 = views[0]
         p = student.patch_size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class SwAVTask(Task):
         self.loss = loss
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
 
-    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, views: list[torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict[str, Any]]:
         """Crop-major views ``[B, 3, H, W]`` -> ``(loss, parts)``; normalises the prototypes first."""
         cast(SwAVHead, self.online.head).normalize_prototypes()
         emb, scores = self.run_online(views)

@@ -1,0 +1,178 @@
+"""``--precision auto``: chosen per device and network, by measurement where no rule is safe.
+
+* CUDA: bf16 autocast where the GPU supports it, else fp16 with a loss scaler.
+* A CPU without native bf16 (no AVX512-BF16 / AMX-BF16): fp32, because bf16 is only emulated.
+* A CPU with native bf16: a short timed probe (forward + backward of the run's own student and
+  head on its own crop sizes, fp32 against bf16 autocast, interleaved) picks the faster one. No
+  fixed rule held: on an AMD EPYC bf16 trained ResNet-18 faster and MobileNets slower, on an
+  Intel Xeon with AMX ResNet-18 ran 25 % slower in bf16 than in fp32 (BENCHMARKS.md).
+
+A probe's result is cached in ``$ROBKIT_HOME/precision.json`` under the CPU model, torch
+version, thread count, network and input shapes, so it runs once per machine and network, and
+every choice is logged with the figures behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robkit.engine.hardware import cpu_has_fast_bf16, resolve_precision
+from robkit.utils.files import atomic_write_json, robkit_home, sha256_json
+
+log = logging.getLogger(__name__)
+
+PROBE_ROUNDS = 2  # timed fp32/bf16 pairs after one warm-up each
+PROBE_BATCH = 8
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> Path:
+    return robkit_home() / "precision.json"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def time_step(fn: Callable[[], None], rounds: int = PROBE_ROUNDS) -> float:
+    """The fastest of ``rounds`` timed calls of ``fn`` after one warm-up, in seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def probe_cpu_precision(
+    online: nn.Module,
+    crop_sizes: Sequence[int],
+    batch: int = PROBE_BATCH,
+    channels_last: bool = False,
+    rounds: int = PROBE_ROUNDS,
+) -> dict[str, float]:
+    """Seconds per forward + backward of a copy of ``online`` on one batch of every crop size,
+    in fp32 and under bf16 autocast (measured interleaved, the fastest round of each).
+
+    ``online`` itself is untouched: its copy takes the BatchNorm updates and the gradients, and
+    the inputs come from a private generator (the run's random streams are not consumed).
+    """
+    net = copy.deepcopy(online).train()
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(batch, 3, s, s, generator=g) for s in crop_sizes]
+    if channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+
+    def step(amp: bool) -> Callable[[], None]:
+        def run() -> None:
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+            with ctx:
+                out = net(views)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            loss = sum(
+                o.float().mean() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()
+            )
+            net.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]  # a tensor: the network has outputs
+
+        return run
+
+    fp32, bf16 = float("inf"), float("inf")
+    for _ in range(rounds):  # interleaved, so a slow spell of the machine hits both
+        fp32 = min(fp32, time_step(step(False), rounds=1))
+        bf16 = min(bf16, time_step(step(True), rounds=1))
+    return {"fp32": fp32, "bf16": bf16}
+
+
+def choose_precision(
+    precision: str,
+    device: torch.device,
+    online: nn.Module,
+    student_name: str,
+    crop_sizes: Sequence[int],
+    channels_last: bool = False,
+    batch: int = PROBE_BATCH,
+    cache: Path | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The resolved precision of a run and how it was chosen (``{"rule"| "probe": ...}``, logged).
+
+    A named precision is checked (:func:`resolve_precision`) and kept. ``auto`` follows the
+    module docstring: a rule on CUDA and on CPUs without native bf16, else a cached probe.
+    """
+    if precision != "auto":
+        return resolve_precision(precision, device), {"rule": "named"}
+    if device.type != "cpu" or not cpu_has_fast_bf16():
+        chosen, rule = (
+            (resolve_precision("auto", device), f"{device.type}: bf16 where supported, else fp16")
+            if device.type != "cpu"
+            else ("fp32", "CPU without native bf16")
+        )
+        log.info("precision auto -> %s (%s)", chosen, rule)
+        return chosen, {"rule": rule}
+    key_fields = {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "student": student_name,
+        "params": sum(p.numel() for p in online.parameters()),
+        "crops": list(crop_sizes),
+        "batch": batch,
+        "channels_last": channels_last,
+    }
+    key = sha256_json(key_fields)[:16]
+    path = cache or _cache_file()
+    stored = _read_cache(path).get(key)
+    if isinstance(stored, dict) and stored.get("choice") in ("fp32", "bf16"):
+        log.info(
+            "precision auto -> %s (cached probe on %s: fp32 %.1f ms, bf16 %.1f ms per step)",
+            stored["choice"],
+            key_fields["cpu"],
+            1e3 * stored["fp32_s"],
+            1e3 * stored["bf16_s"],
+        )
+        return str(stored["choice"]), {"probe": stored, "cached": True}
+    t = probe_cpu_precision(online, crop_sizes, batch=batch, channels_last=channels_last)
+    choice = "bf16" if t["bf16"] < t["fp32"] else "fp32"
+    record = {**key_fields, "fp32_s": t["fp32"], "bf16_s": t["bf16"], "choice": choice}
+    try:
+        data = _read_cache(path)
+        data[key] = record
+        atomic_write_json(path, data, sort_keys=True)
+    except OSError as e:  # an unwritable cache costs a probe next time, nothing else
+        log.debug("could not write the precision cache %s: %s", path, e)
+    log.info(
+        "precision auto -> %s (probe on %s: fp32 %.1f ms, bf16 %.1f ms per step of %s)",
+        choice,
+        key_fields["cpu"],
+        1e3 * t["fp32"],
+        1e3 * t["bf16"],
+        student_name,
+    )
+    return choice, {"probe": record, "cached": False}
