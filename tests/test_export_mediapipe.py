@@ -16,7 +16,14 @@ from mediapipe.tasks.python import vision  # noqa: E402
 from mediapipe.tasks.python.core import base_options as mp_base  # noqa: E402
 
 META = {"normalization": {"mean": MEAN, "std": STD}, "resolution": RES}
-TARGETS = ["android-tflite-fp32", "android-tflite-int8"]
+# every TFLite target robkit ships: float, fp16 weights, static int8, dynamic-range int8, uint8 input
+TARGETS = [
+    "android-tflite-fp32",
+    "android-tflite-fp16",
+    "android-tflite-int8",
+    "android-tflite-int8-dynamic",
+    "android-tflite-int8-uint8",
+]
 
 
 def mp_images(u8: torch.Tensor) -> list:

@@ -259,9 +259,16 @@ def embed_metadata(path: str | os.PathLike, card: dict[str, Any], labels: list[s
 
     path = Path(path)
     try:
-        model = fb.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
-        if any(getattr(b, "offset", 0) for b in (model.buffers or [])):
-            return False  # weights stored outside the flatbuffer (>2 GB layout): leave the file alone
+        raw = path.read_bytes()
+        model = fb.ModelT.InitFromPackedBuf(bytearray(raw), 0)
+        # ai-edge-quantizer (fp16, dynamic-range int8) stores weights after the flatbuffer, at
+        # buffer offsets; re-packing would lose them, so they are moved back inside first.
+        outside = [b for b in (model.buffers or []) if (getattr(b, "offset", 0) or 0) > 1]
+        if sum(int(b.size) for b in outside) + len(raw) >= 2**31 - 2**24:
+            return False  # a model past the flatbuffer's 2 GB limit: leave the file alone
+        for b in outside:
+            b.data = np.frombuffer(raw[int(b.offset) : int(b.offset) + int(b.size)], dtype=np.uint8)
+            b.offset, b.size = 0, 0
         entries = {
             TM.METADATA_NAME: TM.build_metadata(card, labels),
             CARD_METADATA_NAME: json.dumps(card, sort_keys=True).encode(),
