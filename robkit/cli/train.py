@@ -69,7 +69,11 @@ def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--channels-last/--no-channels-last", default=None, help="channels_last memory for CNNs."
         ),
         click.option(
-            "--workers", type=int, default=0, show_default=True, help="Data-loading worker processes."
+            "--workers",
+            type=int,
+            default=None,
+            help="Data-loading worker processes for image folders (default: every core but one on a GPU, "
+            "one on a CPU).",
         ),
         click.option(
             "--checkpoint-every",
@@ -122,7 +126,7 @@ def _overrides(
 
 
 def _engine_kwargs(
-    workers: int,
+    workers: int | None,
     checkpoint_every: int,
     max_steps: int | None,
     time_budget: float | None,

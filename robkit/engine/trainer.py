@@ -29,7 +29,7 @@ from tqdm import tqdm
 from robkit.data.datasets import DataError, ImageTensorDataset
 from robkit.data.views import MultiCropViews
 from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
-from robkit.engine.hardware import autocast_dtype
+from robkit.engine.hardware import autocast_dtype, usable_cores
 from robkit.engine.optim import build_optimizer, param_groups
 from robkit.engine.precision import choose_precision
 from robkit.engine.recipe import EMASpec, OptimSpec
@@ -63,7 +63,7 @@ class TrainOptions:
     precise_bn_images: int = PRECISE_BN_IMAGES
     channels_last: bool = True
     compile: bool = False
-    num_workers: int = 0
+    num_workers: int | None = None  # None: auto (resolve_workers)
     checkpoint_every_steps: int = 200
     max_steps: int | None = None  # stop early (budgeted runs, tests); the schedule still spans `epochs`
     max_seconds: float | None = None  # stop at the first step boundary after this wall time
@@ -126,6 +126,21 @@ def epoch_order(seed: int, epoch: int, n_images: int, batch_size: int) -> torch.
     steps = n_images // batch_size
     g = torch.Generator().manual_seed(_mix_seed(seed, epoch, 17))
     return torch.randperm(n_images, generator=g)[: steps * batch_size].view(steps, batch_size)
+
+
+def resolve_workers(setting: int | None, device: torch.device) -> int:
+    """DataLoader workers for a folder of images: ``setting``, or (``None``) every core but one on
+    an accelerator (16 at most: decoding must keep up with the GPU) and one on a CPU (decoding then
+    overlaps the step without taking the training threads' cores).
+    """
+    if setting is not None:
+        if setting < 0:
+            raise RecipeError(f"--workers must be 0 or more, got {setting}")
+        return setting
+    cores = usable_cores()
+    if device.type == "cpu":
+        return 1 if cores > 1 else 0
+    return max(1, min(16, cores - 1))
 
 
 def step_generator(seed: int, global_step: int) -> torch.Generator:
@@ -416,22 +431,27 @@ class Trainer:
         if isinstance(self.dataset, ImageTensorDataset):
             imgs = self.dataset.images
             full = torch.tensor([imgs.shape[-2], imgs.shape[-1]])
+            pin = self.device.type == "cuda"
             for idx in batches:
                 x = imgs[idx]
-                yield (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x), full.expand(len(idx), 2)
+                x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+                yield (x.pin_memory() if pin else x), full.expand(len(idx), 2)
             return
         if getattr(self, "_loader", None) is None:
             # One loader for the whole run, so worker processes persist across epochs; the batch
             # sampler is told each epoch's batches (it is iterated in this process).
             self._batch_plan = _BatchPlan()
+            workers = resolve_workers(self.opts.num_workers, self.device)
+            # Workers decode and fit images to the canvas (uint8); pinned batches copy to a GPU
+            # without a wait, and 4 batches per worker stay ready ahead of the step.
             self._loader = torch.utils.data.DataLoader(
                 _HWDataset(self.dataset),
                 batch_sampler=self._batch_plan,
-                num_workers=self.opts.num_workers,
+                num_workers=workers,
                 collate_fn=_collate,
                 pin_memory=self.device.type == "cuda",
-                persistent_workers=self.opts.num_workers > 0,
-                prefetch_factor=4 if self.opts.num_workers else None,
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers else None,
             )
         self._batch_plan.batches = batches.tolist()
         loader = self._loader
