@@ -47,6 +47,25 @@ def test_vit_classifier_mlprogram_structure(vit_and_probe, tmp_path, name):
     assert inp.name == "image" and inp.type.WhichOneof("Type") == "imageType"
     assert (inp.type.imageType.width, inp.type.imageType.height) == (RES, RES)
     assert {o.name for o in spec.description.output} >= {"classLabel", "classLabel_probs"}
+    # What makes Vision's VNCoreMLRequest return VNClassificationObservation with these names:
+    # the model is declared a classifier, and its classify op holds the label strings.
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert spec.description.predictedProbabilitiesName == "classLabel_probs"
+    probs = next(o for o in spec.description.output if o.name == "classLabel_probs")
+    assert probs.type.WhichOneof("Type") == "dictionaryType"
+    assert probs.type.dictionaryType.WhichOneof("KeyType") == "stringKeyType"
+    ops = [
+        op
+        for f in spec.mlProgram.functions.values()
+        for b in f.block_specializations.values()
+        for op in b.operations
+    ]
+    classify = [op for op in ops if op.type == "classify"]
+    assert len(classify) == 1
+    blob = classify[0].SerializeToString() + b"".join(
+        op.SerializeToString() for op in ops if op.type == "const"
+    )
+    assert all(label.encode() in blob for label in LABELS)
     md = dict(spec.description.metadata.userDefined)
     assert json.loads(md["robkit.labels"]) == LABELS
     assert json.loads(md["robkit.normalization"])["std"] == STD
