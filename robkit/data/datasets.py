@@ -4,15 +4,21 @@ Every data set yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``[3,
 fixed square canvas, so batches stack and augmentation runs batched on tensors.  Folder images
 keep their aspect ratio: they are resized to fit the canvas and padded; ``valid_hw`` records the
 image's area on the canvas so crops are sampled inside it.  Labels are ``-1`` when unknown.
+
+A folder's file listing is cached (:func:`folder_index`) so that an ImageNet-sized folder
+(1.28 M files) starts in seconds, and its images are decoded with torchvision (libjpeg-turbo,
+libpng, libwebp) with PIL as the fallback for other formats and files torchvision refuses.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +28,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+import torchvision.io as tvio
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from robkit.utils.errors import RobkitError
+from robkit.utils.files import atomic_write_bytes, robkit_home
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,13 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# What torchvision.io.decode_image reads (0.29: JPEG, PNG, GIF, WebP); the rest goes through PIL.
+TORCHVISION_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
+FOLDER_INDEX_VERSION = 1
+# A folder changed this close to its scan may change again within the same mtime tick (1-2 s on
+# FAT, SMB and some NFS servers) without its mtime showing it, so such a listing is used but not
+# cached: git's "racy clean" problem.
+RACY_MTIME_NS = 2_000_000_000
 
 
 class DataError(RobkitError, RuntimeError):
@@ -155,35 +171,268 @@ def fashion_mnist(
     return ImageTensorDataset(images.unsqueeze(1), labels, FASHION_MNIST_CLASSES, f"fashion-mnist/{split}")
 
 
+@dataclass
+class FolderIndex:
+    """The listing of an image folder, in data set order, as cached by :func:`folder_index`.
+
+    ``paths`` are relative to ``root`` with ``/`` separators; ``labels[i]`` is the class index of
+    ``paths[i]`` (``-1`` for files directly in ``root``) and ``sizes[i]`` its size in bytes.
+    ``dir_mtimes`` maps every folder scanned (``"."`` is ``root``) to its ``st_mtime_ns``.
+    """
+
+    root: str  # absolute, symlinks resolved
+    classes: list[str]
+    paths: list[str]
+    labels: list[int]
+    sizes: list[int]
+    dir_mtimes: dict[str, int]
+    fingerprint: str = ""
+    complete: bool = True  # False when a sub-folder could not be read: never cached
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = self._compute_fingerprint()
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256(f"robkit-folder-index/{FOLDER_INDEX_VERSION}\n".encode())
+        h.update(("\n".join(self.classes) + "\n\n").encode())
+        h.update("".join(f"{p}|{n}\n" for p, n in zip(self.paths, self.sizes)).encode())
+        h.update("".join(f"{d}|{m}\n" for d, m in sorted(self.dir_mtimes.items())).encode())
+        return h.hexdigest()
+
+    def is_current(self) -> bool:
+        """Whether every scanned folder still has its recorded mtime (so no file was added, removed
+        or renamed in it).
+        """
+        for rel, mtime_ns in self.dir_mtimes.items():
+            try:
+                if os.stat(os.path.join(self.root, rel)).st_mtime_ns != mtime_ns:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored in the cache (columns, not records: smaller and faster to parse)."""
+        return {
+            "version": FOLDER_INDEX_VERSION,
+            "suffixes": sorted(IMAGE_SUFFIXES),
+            "root": self.root,
+            "classes": self.classes,
+            "paths": self.paths,
+            "labels": self.labels,
+            "sizes": self.sizes,
+            "dir_mtimes": self.dir_mtimes,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, root: str) -> FolderIndex | None:
+        """The index stored in ``obj`` if it was written by this version for ``root``, else ``None``."""
+        if not isinstance(obj, dict) or obj.get("version") != FOLDER_INDEX_VERSION:
+            return None
+        if obj.get("root") != root or obj.get("suffixes") != sorted(IMAGE_SUFFIXES):
+            return None
+        try:
+            index = cls(
+                root=root,
+                classes=list(obj["classes"]),
+                paths=list(obj["paths"]),
+                labels=list(obj["labels"]),
+                sizes=list(obj["sizes"]),
+                dir_mtimes={str(k): int(v) for k, v in obj["dir_mtimes"].items()},
+                fingerprint=str(obj["fingerprint"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if not len(index.paths) == len(index.labels) == len(index.sizes) or not index.fingerprint:
+            return None
+        return index
+
+
+def _is_hidden(name: str) -> bool:
+    # Dot files include macOS's "._name.JPEG" resource forks, which look like images but are not.
+    return name.startswith(".")
+
+
+def _scan_tree(root: str, rel_dir: str, index: FolderIndex, label: int) -> None:
+    """Add the images under ``root/rel_dir`` (recursively, symlinked sub-folders not followed, as
+    ``Path.rglob``) to ``index``, sorted like ``sorted(Path.rglob("*"))``.
+    """
+    found: list[tuple[list[str], str, int]] = []
+    stack = [rel_dir]
+    while stack:
+        rel = stack.pop()
+        folder = os.path.join(root, rel)
+        try:
+            # mtime before listing: a change made during the scan shows at the next start.
+            index.dir_mtimes[rel] = os.stat(folder).st_mtime_ns
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            log.warning(
+                "cannot list image folder %s (%s: %s); its images are left out", folder, type(e).__name__, e
+            )
+            index.complete = False
+            continue
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            child = f"{rel}/{entry.name}"
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(child)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    found.append((child.split("/"), child, entry.stat().st_size))
+            except OSError:  # vanished or a broken link: not an image we can read
+                continue
+    found.sort(key=lambda f: f[0])
+    index.paths += [p for _, p, _ in found]
+    index.sizes += [n for _, _, n in found]
+    index.labels += [label] * len(found)
+
+
+def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
+    """List an image folder with ``os.scandir``: one class per non-hidden sub-folder (sorted, images
+    found recursively), then the images directly in ``root`` (label ``-1``).
+    """
+    root_s = str(Path(root).resolve())
+    dir_mtimes = {".": os.stat(root_s).st_mtime_ns}
+    with os.scandir(root_s) as it:
+        entries = [e for e in it if not _is_hidden(e.name)]
+    classes = sorted(e.name for e in entries if e.is_dir())
+    index = FolderIndex(root_s, classes, [], [], [], dir_mtimes, fingerprint="-")
+    for ci, name in enumerate(classes):
+        _scan_tree(root_s, name, index, ci)
+    flat = sorted(
+        (e.name, e.stat().st_size)
+        for e in entries
+        if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file()
+    )
+    index.paths += [name for name, _ in flat]
+    index.sizes += [n for _, n in flat]
+    index.labels += [-1] * len(flat)
+    index.fingerprint = index._compute_fingerprint()
+    return index
+
+
+def folder_index_path(root: str | os.PathLike) -> Path:
+    """Where the index of ``root`` is cached: ``<robkit_home>/folder-index/<sha256 of the absolute
+    root>.json.gz``.
+    """
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()
+    return robkit_home() / "folder-index" / f"{key}.json.gz"
+
+
+def folder_index(root: str | os.PathLike, cache: bool = True) -> FolderIndex:
+    """The listing of ``root``: from the cache when every folder it scanned has kept its mtime,
+    else scanned again (and the cache rewritten atomically).
+
+    Adding, removing or renaming a file changes its folder's mtime, so those are seen.  Editing a
+    file's content in place (same name) is not: no file is stat-ed at a cached start.  Touch its
+    folder, or pass ``cache=False``, after such an edit.  A cache that cannot be read or written is
+    not an error: the folder is scanned and the run goes on.
+    """
+    root_s = str(Path(root).resolve())
+    path = folder_index_path(root_s) if cache else None
+    if path is not None:
+        try:
+            cached = FolderIndex.from_json(json.loads(gzip.decompress(path.read_bytes())), root_s)
+        except FileNotFoundError:
+            cached = None
+        except (OSError, EOFError, ValueError) as e:  # unreadable or damaged: rebuild it
+            log.debug("ignoring the folder index %s (%s: %s)", path, type(e).__name__, e)
+            cached = None
+        if cached is not None and cached.is_current():
+            return cached
+    scan_started_ns = time.time_ns()
+    index = scan_image_folder(root_s)
+    racy = any(m > scan_started_ns - RACY_MTIME_NS for m in index.dir_mtimes.values())
+    if path is not None and index.complete and not racy:
+        try:
+            data = json.dumps(index.to_json(), separators=(",", ":")).encode()
+            atomic_write_bytes(path, gzip.compress(data, compresslevel=6, mtime=0))
+        except OSError as e:
+            log.debug("could not cache the folder index at %s (%s: %s)", path, type(e).__name__, e)
+    return index
+
+
+def _decode_torchvision(path: Path) -> torch.Tensor:
+    """``uint8 [3, H, W]`` with torchvision's decoders, EXIF orientation applied (JPEG, PNG)."""
+    img = tvio.decode_image(
+        tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB, apply_exif_orientation=True
+    )
+    if img.ndim == 4:  # an animated GIF: its first frame, as PIL gives
+        img = img[0]
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def _decode_pil(path: Path) -> torch.Tensor:
+    """``uint8 [3, H, W]`` with PIL, EXIF orientation applied as torchvision does."""
+    with Image.open(path) as im:
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image to ``uint8 [3, H, W]`` RGB (grayscale, palette, CMYK and alpha converted;
+    EXIF orientation applied): torchvision for JPEG/PNG/GIF/WebP, PIL for the rest and for any file
+    torchvision refuses.  Raises ``OSError``/``ValueError``/PIL's errors if neither can read it.
+    """
+    path = Path(path)
+    if path.suffix.lower() in TORCHVISION_SUFFIXES:
+        try:
+            return _decode_torchvision(path)
+        except RuntimeError as e:  # torchvision's decoders raise RuntimeError for any bad file
+            log.debug("torchvision could not decode %s (%s); trying PIL", path, e)
+    return _decode_pil(path)
+
+
+def fit_to_canvas(img: torch.Tensor, canvas_px: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``uint8 [3, H, W]`` resized (bilinear, antialiased) to fit a ``canvas_px`` square, aspect kept,
+    and padded with zeros at the bottom/right → ``(uint8 [3, canvas_px, canvas_px], (h, w))``.
+    """
+    h, w = int(img.shape[-2]), int(img.shape[-1])
+    s = canvas_px / max(w, h)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if (nh, nw) != (h, w):
+        img = TF.resize(img, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    canvas = torch.zeros(3, canvas_px, canvas_px, dtype=torch.uint8)
+    canvas[:, :nh, :nw] = img
+    return canvas, (nh, nw)
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """A folder of images, flat or with one sub-folder per class.
 
-    Images are decoded to RGB, resized to fit a ``canvas_px`` square (aspect kept) and padded
-    at the bottom/right.  An unreadable or corrupt file is reported once, counted in
-    ``skipped``, and replaced by the next readable image, so a run never dies on one bad file.
+    Images are decoded to RGB (:func:`read_image_rgb`), resized to fit a ``canvas_px`` square
+    (aspect kept) and padded at the bottom/right.  An unreadable or corrupt file is reported once,
+    counted in ``skipped``, and replaced by the next readable image, so a run never dies on one bad
+    file.
+
+    The listing comes from :func:`folder_index`, cached under ``<robkit_home>/folder-index`` unless
+    ``index_cache=False``: it is rebuilt when a file is added, removed or renamed, but an in-place
+    edit of a file's content under the same name is not detected.  ``files`` may be cut or
+    sampled after construction; :meth:`files_fingerprint` follows.
     """
 
-    def __init__(self, root: str | os.PathLike, canvas_px: int = 256) -> None:
+    def __init__(self, root: str | os.PathLike, canvas_px: int = 256, index_cache: bool = True) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")
-        subdirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        files: list[tuple[Path, int]] = []
-        if subdirs:
-            self.classes = tuple(d.name for d in subdirs)
-            for ci, d in enumerate(subdirs):
-                files += [(p, ci) for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            self.classes = ()
-        files += [
-            (p, -1) for p in sorted(self.root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not files:
+        index = folder_index(self.root, cache=index_cache)
+        if not index.paths:
             raise DataError(
                 f"no images found in {self.root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, flat or in "
                 "class sub-folders)"
             )
-        self.files = files
+        self.classes = tuple(index.classes) if index.classes else ()
+        root_s = str(self.root)
+        self.files: list[tuple[Path, int]] = [(Path(root_s, p), c) for p, c in zip(index.paths, index.labels)]
+        self.index_fingerprint = index.fingerprint
+        self._indexed_files = self.files  # the listing the fingerprint describes
         self.canvas_px = canvas_px
         self.name = f"folder:{self.root.name}"
         self.skipped: set[Path] = set()
@@ -196,18 +445,26 @@ class ImageFolder(torch.utils.data.Dataset):
         """``int64 [N]`` class index of every file (``-1`` outside class sub-folders)."""
         return torch.tensor([c for _, c in self.files], dtype=torch.long)
 
+    def files_fingerprint(self) -> str | None:
+        """sha256 of the files in use, from the index (no file is stat-ed); ``None`` when ``files``
+        holds entries that are not from the index.
+
+        A prefix of the listing (``open_dataset(limit=...)``) is named by its length, any other
+        selection (evaluation's stratified sample) by its positions in the listing.
+        """
+        full, files = self._indexed_files, self.files
+        h = hashlib.sha256(f"{self.index_fingerprint}|{len(files)}\n".encode())
+        if len(files) <= len(full) and all(a is b for a, b in zip(files, full)):
+            return h.hexdigest()
+        position = {id(f): i for i, f in enumerate(full)}
+        used = [position.get(id(f), -1) for f in files]
+        if -1 in used:
+            return None
+        h.update(np.asarray(used, dtype="<i8").tobytes())
+        return h.hexdigest()
+
     def _load(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
-        im: Image.Image
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = self.canvas_px / max(w, h)
-            nw, nh = max(1, round(w * s)), max(1, round(h * s))
-            im = im.resize((nw, nh), Image.BICUBIC)  # type: ignore[attr-defined]  # set at runtime
-            arr = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-        canvas = torch.zeros(3, self.canvas_px, self.canvas_px, dtype=torch.uint8)
-        canvas[:, :nh, :nw] = arr
-        return canvas, (nh, nw)
+        return fit_to_canvas(read_image_rgb(path), self.canvas_px)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label, _ = self.get_with_hw(i)
@@ -220,7 +477,7 @@ class ImageFolder(torch.utils.data.Dataset):
             path, label = self.files[j]
             try:
                 img, hw = self._load(path)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, RuntimeError) as e:
                 if path not in self.skipped:
                     self.skipped.add(path)
                     log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
@@ -263,17 +520,24 @@ def to_model_input(
 
 
 def data_fingerprint(ds: Any) -> dict[str, Any]:
-    """``{"name", "images", "sha256"}``: pixels of in-memory data sets; path, size and mtime of files."""
+    """``{"name", "images", "sha256"}``: pixels of in-memory data sets; for an :class:`ImageFolder`
+    its index (relative paths, sizes, folder mtimes) and the files in use; for other lists of files
+    the path, size and mtime of each.
+    """
     h = hashlib.sha256()
     if hasattr(ds, "images") and isinstance(ds.images, torch.Tensor):
         h.update(str(tuple(ds.images.shape)).encode())
         h.update(ds.images.contiguous().numpy().tobytes())
     elif hasattr(ds, "files"):
-        root = Path(getattr(ds, "root", "."))
-        for f in ds.files:
-            p = Path(f[0] if isinstance(f, tuple) else f)
-            st = p.stat()
-            h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        files_fp = ds.files_fingerprint() if isinstance(ds, ImageFolder) else None
+        if files_fp is not None:
+            h.update(f"folder-index|{files_fp}\n".encode())
+        else:
+            root = Path(getattr(ds, "root", "."))
+            for f in ds.files:
+                p = Path(f[0] if isinstance(f, tuple) else f)
+                st = p.stat()
+                h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         h.update(str(getattr(ds, "canvas_px", "")).encode())
     else:
         raise DataError(f"cannot fingerprint a {type(ds).__name__} data set; use a folder or Fashion-MNIST")
