@@ -39,9 +39,9 @@ from PIL import Image
 
 from robkit.data.datasets import ImageFolder
 from robkit.engine.build import distill, pretrain
-from robkit.engine.precision import cpu_model
 from robkit.engine.teacher_cache import build_cache
 from robkit.teachers.teacher import build_backbone, build_head
+from robkit.utils.machine import cpu_name
 
 VITS16 = {"type": "vit", "embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16, "mlp_ratio": 4.0}
 DINO_HEAD = {"type": "DINOHead", "nlayers": 3, "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 65536}
@@ -208,7 +208,7 @@ def run_cases(args: argparse.Namespace, work: Path, folder: Path) -> dict[str, A
 def machine() -> dict[str, Any]:
     """The machine the figures come from."""
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -120,7 +120,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, result):
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a ``world``-process gloo group on this machine, as torchrun's environment would set it up."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -130,6 +131,10 @@ def _ddp_worker(rank, world, port, out, result):
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _ddp_worker(rank, world, port, out, result):
+    init_gloo(rank, world, port)
     try:
         from pathlib import Path
 

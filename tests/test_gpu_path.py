@@ -226,7 +226,7 @@ def test_auto_precision_probes_once_and_caches_the_faster(tmp_path, monkeypatch)
     (record,) = stored.values()
     assert (
         record["choice"] == "bf16"
-        and record["cpu"] == P.cpu_model()
+        and record["cpu"] == P.cpu_name()
         and record["student"] == "mobilenet_v3_small"
     )
     again, how = P.choose_precision("auto", cpu, online, "mobilenet_v3_small", [32, 32, 16])
@@ -291,15 +291,7 @@ def test_export_calibration_on_fake_cuda():
 
 # ------------------------------------------------------------------ DDP distill
 def _ddp_distill_worker(rank, world, port, out, teacher):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    E.init_gloo(rank, world, port)
     try:
         distill(teacher, student="vit_tiny", data_limit=64, out=Path(out) / "ddp", overrides=_DDP, **_ENGINE)
     finally:

@@ -18,8 +18,6 @@ import contextlib
 import copy
 import json
 import logging
-import platform
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,23 +27,12 @@ from torch import nn
 
 from robkit.engine.hardware import cpu_has_fast_bf16, resolve_precision
 from robkit.utils.files import atomic_write_json, robkit_home, sha256_json
+from robkit.utils.machine import best_seconds, cpu_name
 
 log = logging.getLogger(__name__)
 
 PROBE_ROUNDS = 2  # timed fp32/bf16 pairs after one warm-up each
 PROBE_BATCH = 8
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cache_file() -> Path:
@@ -58,17 +45,6 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def time_step(fn: Callable[[], None], rounds: int = PROBE_ROUNDS) -> float:
-    """The fastest of ``rounds`` timed calls of ``fn`` after one warm-up, in seconds."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def probe_cpu_precision(
@@ -106,8 +82,8 @@ def probe_cpu_precision(
 
     fp32, bf16 = float("inf"), float("inf")
     for _ in range(rounds):  # interleaved, so a slow spell of the machine hits both
-        fp32 = min(fp32, time_step(step(False), rounds=1))
-        bf16 = min(bf16, time_step(step(True), rounds=1))
+        fp32 = min(fp32, best_seconds(step(False), 1))
+        bf16 = min(bf16, best_seconds(step(True), 1))
     return {"fp32": fp32, "bf16": bf16}
 
 
@@ -137,7 +113,7 @@ def choose_precision(
         log.info("precision auto -> %s (%s)", chosen, rule)
         return chosen, {"rule": rule}
     key_fields = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "student": student_name,

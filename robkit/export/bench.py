@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -31,6 +30,7 @@ from robkit.export import card as cards
 from robkit.export.filemodel import ExportError
 from robkit.utils.constants import imagenet_normalization
 from robkit.utils.files import atomic_write_json
+from robkit.utils.machine import best_seconds, cpu_name
 
 
 @dataclass
@@ -67,28 +67,6 @@ class Runner:
     times: list[float] = field(default_factory=list)
 
 
-def cpu_name() -> str:
-    """The CPU model name from ``/proc/cpuinfo``, else what ``platform`` reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _best_seconds(call: Callable[[], Any], repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up call."""
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _sgemm_seconds_onnxruntime(n: int, threads: int, repeats: int) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -100,7 +78,7 @@ def _sgemm_seconds_onnxruntime(n: int, threads: int, repeats: int) -> float:
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {k: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for k in "ab"}
-    return _best_seconds(lambda: sess.run(None, feed), repeats)
+    return best_seconds(lambda: sess.run(None, feed), repeats)
 
 
 def _sgemm_seconds_torch(n: int, threads: int, repeats: int) -> float:
@@ -108,7 +86,7 @@ def _sgemm_seconds_torch(n: int, threads: int, repeats: int) -> float:
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        return _best_seconds(lambda: torch.mm(a, b), repeats)
+        return best_seconds(lambda: torch.mm(a, b), repeats)
     finally:
         torch.set_num_threads(old)
 
