@@ -50,7 +50,7 @@ def robkit_runner(arch: str, recipe: str, precision: str, channels_last: bool, c
     def step(n_steps: int) -> float:
         t = time.perf_counter()
         for _ in range(n_steps):
-            imgs, hw = next(batches)
+            imgs, hw, _ = next(batches)
             tr._step(imgs, hw, 0, state["step"], amp)
             state["step"] += 1
         return n_steps * 256 / (time.perf_counter() - t)

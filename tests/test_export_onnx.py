@@ -231,3 +231,43 @@ def test_eval_runs_the_exported_file_itself(setup, fp32_file):
     pkg.mkdir()
     r = CliRunner().invoke(main, ["eval", "knn", str(pkg)])
     assert r.exit_code != 0 and "macOS" in r.output
+
+
+@pytest.mark.parametrize("target", ["ort-mobile-fp32", "ort-mobile-int8"])
+def test_ort_format_for_onnx_runtime_mobile(setup, tmp_path, target):
+    """The .ort file that ships runs in onnxruntime, matches PyTorch and keeps robkit's metadata."""
+    d, student = setup
+    out = tmp_path / "m"
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(d / "ckpt.pt"),
+            "--target",
+            target,
+            "--out",
+            str(out),
+            "--parity-images",
+            "16",
+            "--calibration-images",
+            "32",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    path = out.with_suffix(".ort")
+    assert path.read_bytes()[4:8] == b"ORTM"  # the ORT flatbuffer identifier, not an ONNX protobuf
+    card = json.loads(path.with_suffix(".ort.json").read_text())
+    assert card["conversion"]["container"] == "ort" and card["status"] == "passed"
+    assert (tmp_path / "m.required_operators.config").is_file()
+    u8, _ = load_images("fashion-mnist", "test", 8, RES, offset=100)
+    x = normalised(u8)
+    with torch.no_grad():
+        ref = student(x).numpy()
+    got = run_ort(path, x.numpy())
+    from robkit.export.targets import get_target
+
+    assert cos(got, ref) >= get_target(target).parity["min_cosine"]
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert json.loads(meta.custom_metadata_map["robkit.normalization"])["mean"] == MEAN

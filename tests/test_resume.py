@@ -51,10 +51,10 @@ def _kill_at(monkeypatch, step: int) -> None:
     """Make the trainer die inside global step ``step`` (0-based), after its forward pass began."""
     original = Trainer._step
 
-    def dying(self, imgs, hw, epoch, gstep, amp):
+    def dying(self, imgs, hw, epoch, gstep, amp, *rest):
         if gstep == step:
             raise Killed(f"killed in step {gstep}")
-        return original(self, imgs, hw, epoch, gstep, amp)
+        return original(self, imgs, hw, epoch, gstep, amp, *rest)
 
     monkeypatch.setattr(Trainer, "_step", dying)
 

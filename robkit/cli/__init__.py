@@ -22,6 +22,7 @@ from robkit.utils.errors import RobkitError
 COMMANDS = {
     "pretrain": "robkit.cli.train:pretrain",
     "distill": "robkit.cli.train:distill",
+    "finetune": "robkit.cli.finetune:finetune",
     "recipes": "robkit.cli.train:recipes",
     "eval": "robkit.cli.evaluate:eval_group",
     "teachers": "robkit.cli.teachers:teachers",

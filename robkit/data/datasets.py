@@ -12,6 +12,7 @@ libpng, libwebp) with PIL as the fallback for other formats and files torchvisio
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
@@ -484,6 +485,62 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             return img, label, hw
         raise DataError(f"none of the {len(self.files)} images in {self.root} could be read")
+
+
+def stratified_sample(
+    labels: torch.Tensor,
+    seed: int,
+    shots: int | None = None,
+    fraction: float | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sorted indices of ``shots`` images of every class, or ``fraction`` of each class's images
+    (rounded, at least one), drawn with ``seed``; images in ``exclude`` are never drawn.
+
+    The per-class draw keeps the class balance of the labelled subsets of semi-supervised protocols
+    (SimCLR's 1 % / 10 % ImageNet splits, used by SSLight's Table 9, are class-balanced the same way).
+    """
+    if (shots is None) == (fraction is None):
+        raise ValueError("stratified_sample: pass exactly one of shots or fraction")
+    if shots is not None and shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
+    labels = labels.long().cpu()
+    allowed = torch.ones(labels.shape[0], dtype=torch.bool)
+    if exclude is not None and exclude.numel():
+        allowed[exclude.long()] = False
+    g = torch.Generator().manual_seed(int(seed))
+    picked = []
+    for c in torch.unique(labels[labels >= 0]).tolist():
+        pool = torch.nonzero((labels == c) & allowed).flatten()
+        n = shots if shots is not None else max(1, int(round((fraction or 0.0) * pool.numel())))
+        if pool.numel() < n:
+            raise ValueError(
+                f"class {c} has {pool.numel()} available training images, fewer than {n} shots; "
+                "use fewer shots or a larger --train-limit."
+            )
+        picked.append(pool[torch.randperm(pool.numel(), generator=g)[:n]])
+    if not picked:
+        raise DataError("no labelled images to sample from (every label is -1: a flat folder has no classes)")
+    return torch.cat(picked).sort().values
+
+
+def select(ds: Any, indices: torch.Tensor) -> Any:
+    """The images ``indices`` of ``ds`` as a data set of the same kind (labels, classes and name kept).
+
+    An :class:`ImageFolder` keeps its index, so the selection's fingerprint names the files by their
+    positions in the listing.
+    """
+    idx = indices.long()
+    if isinstance(ds, ImageTensorDataset):
+        return ImageTensorDataset(ds.images[idx], ds.labels[idx], ds.classes, ds.name)
+    if isinstance(ds, ImageFolder):
+        out = copy.copy(ds)
+        out.files = [ds.files[i] for i in idx.tolist()]
+        out.skipped = set()
+        return out
+    raise DataError(f"cannot select images of a {type(ds).__name__} data set; use a folder or Fashion-MNIST")
 
 
 def open_dataset(

@@ -154,8 +154,10 @@ def build_optimizer(
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
     trust_coefficient: float = 0.001,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    """``"lars"`` (CNNs), ``"adamw"`` (ViTs) or ``"sgd"`` over ``groups`` from :func:`param_groups`.
+    """``"lars"`` (CNNs), ``"adamw"`` (ViTs) or ``"sgd"`` (``nesterov`` for fine-tuning) over ``groups``
+    from :func:`param_groups`.
 
     ``weight_decay`` is the default for groups that do not set their own; groups built by
     :func:`param_groups` already carry ``weight_decay * wd_factor``.
@@ -168,6 +170,6 @@ def build_optimizer(
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     if key == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     hint = did_you_mean(key, OPTIMIZERS, n=1)
     raise RecipeError(f"unknown optimiser {name!r}; expected one of {', '.join(OPTIMIZERS)}.{hint}")

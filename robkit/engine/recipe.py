@@ -132,6 +132,7 @@ class OptimSpec:
     weight_decay: float = 0.0
     weight_decay_end: float | None = None
     momentum: float = 0.9
+    nesterov: bool | None = None  # SGD only; unset is plain heavy-ball momentum
     trust_coefficient: float | None = None
     exclude_depthwise_from_lars: bool = True
     clip_grad: float = 0.0

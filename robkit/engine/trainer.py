@@ -157,22 +157,23 @@ class _HWDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
         if hasattr(self.ds, "get_with_hw"):
             before = set(self.ds.skipped)
-            img, _, hw = self.ds.get_with_hw(i)
-            return img, torch.tensor(hw), [str(p) for p in set(self.ds.skipped) - before]
-        img, _ = self.ds[i]
-        return img, torch.tensor([img.shape[-2], img.shape[-1]]), []
+            img, label, hw = self.ds.get_with_hw(i)
+            return img, torch.tensor(hw), int(label), [str(p) for p in set(self.ds.skipped) - before]
+        img, label = self.ds[i]
+        return img, torch.tensor([img.shape[-2], img.shape[-1]]), int(label), []
 
 
 def _collate(
-    items: list[tuple[torch.Tensor, torch.Tensor, list[str]]],
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    items: list[tuple[torch.Tensor, torch.Tensor, int, list[str]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     imgs = torch.stack([it[0] for it in items])
     hw = torch.stack([it[1] for it in items])
-    skipped = [p for it in items for p in it[2]]
-    return imgs, hw, skipped
+    labels = torch.tensor([it[2] for it in items], dtype=torch.long)
+    skipped = [p for it in items for p in it[3]]
+    return imgs, hw, labels, skipped
 
 
 class _BatchPlan(torch.utils.data.Sampler):
@@ -317,6 +318,7 @@ class Trainer:
             lr=base_lr,
             weight_decay=cfg.weight_decay,
             momentum=cfg.momentum,
+            nesterov=bool(cfg.nesterov),
             **cast(
                 "dict[str, Any]",
                 {"trust_coefficient": cfg.trust_coefficient}
@@ -425,17 +427,20 @@ class Trainer:
 
     # ----------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, start_step: int):
-        """Yield ``(uint8 images, valid_hw)`` of this process's share of each global batch."""
+        """Yield ``(uint8 images, valid_hw, labels)`` of this process's share of each global batch
+        (labels ``int64 [B]``, ``-1`` for unlabelled images; only tasks with ``uses_labels`` read them).
+        """
         batches = epoch_order(self.opts.seed, epoch, len(self.dataset), self.opts.batch_size)[start_step:]
         batches = batches[:, self.rank :: self.world]  # this rank's rows of every global batch
         if isinstance(self.dataset, ImageTensorDataset):
             imgs = self.dataset.images
             full = torch.tensor([imgs.shape[-2], imgs.shape[-1]])
             pin = self.device.type == "cuda"
+            labels = self.dataset.labels
             for idx in batches:
                 x = imgs[idx]
                 x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-                yield (x.pin_memory() if pin else x), full.expand(len(idx), 2)
+                yield (x.pin_memory() if pin else x), full.expand(len(idx), 2), labels[idx]
             return
         if getattr(self, "_loader", None) is None:
             # One loader for the whole run, so worker processes persist across epochs; the batch
@@ -456,10 +461,10 @@ class Trainer:
         self._batch_plan.batches = batches.tolist()
         loader = self._loader
         assert loader is not None  # built above, or on an earlier epoch
-        for imgs, hw, skipped in loader:
+        for imgs, hw, labels, skipped in loader:
             for p in skipped:
                 self.skipped.add(p)
-            yield imgs, hw
+            yield imgs, hw, labels
 
     def _close_loader(self) -> None:
         """Stop the DataLoader's persistent workers (they would outlive a failed run otherwise)."""
@@ -556,7 +561,7 @@ class Trainer:
                 while True:
                     t_wait = time.time()
                     try:
-                        imgs, hw = next(batches)
+                        imgs, hw, labels = next(batches)
                     except StopIteration:
                         break
                     data_s = time.time() - t_wait
@@ -566,7 +571,7 @@ class Trainer:
                     ):
                         stopped_early = True
                         break
-                    loss, parts = self._step(imgs, hw, epoch, gstep, amp)
+                    loss, parts = self._step(imgs, hw, epoch, gstep, amp, labels)
                     gstep += 1
                     step_in_epoch += 1
                     n_img += imgs.shape[0] * self.world
@@ -640,7 +645,13 @@ class Trainer:
         return 1 if self.device.type == "cpu" else max(1, self.opts.sync_every)
 
     def _step(
-        self, imgs: torch.Tensor, hw: torch.Tensor, epoch: int, gstep: int, amp: torch.dtype | None
+        self,
+        imgs: torch.Tensor,
+        hw: torch.Tensor,
+        epoch: int,
+        gstep: int,
+        amp: torch.dtype | None,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         g = step_generator(self.opts.seed, gstep)
         step_in_epoch = gstep - epoch * self.steps_per_epoch
@@ -667,7 +678,11 @@ class Trainer:
         progress = gstep / self.steps_per_epoch
         ctx = torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
-            if self.target_source is None:
+            if getattr(self.task, "uses_labels", False):  # supervised fine-tuning
+                if labels is None:
+                    raise ValueError(f"the {self.task.method} task needs the batch's labels")
+                loss, parts = self.task(views, progress, labels=labels.to(self.device, non_blocking=True))
+            elif self.target_source is None:
                 loss, parts = self.task(views, progress)
             else:
                 t_out = self.target_source.targets(epoch, step_in_epoch, rows, self.device)

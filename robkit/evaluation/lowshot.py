@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from robkit.data.datasets import stratified_sample
+
 DEFAULT_SHOTS = (1, 5)
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))  # λ = 1e4 … 1e-2 (RoB appendix C.4)
 
@@ -34,23 +36,7 @@ def sample_lowshot(
 
     Images in ``exclude`` (indices) are never drawn.  Raises if a class has too few images.
     """
-    if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
-    labels = labels.long().cpu()
-    allowed = torch.ones(labels.shape[0], dtype=torch.bool)
-    if exclude is not None and exclude.numel():
-        allowed[exclude.long()] = False
-    g = torch.Generator().manual_seed(int(seed))
-    picked = []
-    for c in torch.unique(labels[labels >= 0]).tolist():
-        pool = torch.nonzero((labels == c) & allowed).flatten()
-        if pool.numel() < shots:
-            raise ValueError(
-                f"class {c} has {pool.numel()} available training images, fewer than {shots} shots; "
-                "use fewer shots or a larger --train-limit."
-            )
-        picked.append(pool[torch.randperm(pool.numel(), generator=g)[:shots]])
-    return torch.cat(picked).sort().values
+    return stratified_sample(labels, seed, shots=shots, exclude=exclude)
 
 
 def _preprocess(x: torch.Tensor, mean: torch.Tensor) -> np.ndarray:

@@ -234,6 +234,8 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a robkit ``checkpoint`` (+ a linear ``probe`` such as ``robkit eval linear``'s, with its ``labels``).
 
+    A ``robkit finetune`` checkpoint exports as its classifier, with its label names, unless ``probe`` is given.
+
     ``target``: a catalog target, or ``"auto"`` for the fastest target of the student's
     architecture that meets parity (``targets.auto_candidates``): a target that misses parity or
     whose converter is not installed is skipped, and the next one is tried. ``fmt``/``precision``
@@ -242,9 +244,14 @@ def export_checkpoint(
     checkpoint). ``options`` are :func:`export_model`'s keywords (resolution, data, image counts).
     """
     from robkit.export.targets import TargetError, auto_candidates, resolve_target
-    from robkit.models.checkpoint import load_student
+    from robkit.models.checkpoint import checkpoint_classifier, load_student
 
     student, meta = load_student(checkpoint)
+    if probe is None and meta.get("method") == "finetune":
+        # A `robkit finetune` checkpoint is a classifier: its head and label names go into the file.
+        found = checkpoint_classifier(checkpoint)
+        if found is not None:
+            probe, labels = found
     auto = target == "auto"
     if auto and (fmt or precision):
         raise TargetError("--target auto chooses the format and precision; drop --format/--precision")

@@ -18,7 +18,7 @@ from robkit.export.targets import FORMATS
 from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 from robkit.utils.errors import RobkitError
 
-SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "executorch"}
+SUFFIXES = {".onnx": "onnx", ".ort": "onnx", ".tflite": "tflite", ".pte": "executorch"}
 
 
 class ExportError(RobkitError, ValueError):
@@ -26,7 +26,7 @@ class ExportError(RobkitError, ValueError):
 
 
 def is_exported_file(path: Any) -> TypeGuard[str | os.PathLike]:
-    """Whether ``path`` names an existing ONNX, TFLite or ExecuTorch file (by its suffix)."""
+    """Whether ``path`` names an existing ONNX (or ORT-format), TFLite or ExecuTorch file (by its suffix)."""
     return isinstance(path, (str, os.PathLike)) and Path(path).suffix in SUFFIXES and Path(path).is_file()
 
 

@@ -93,10 +93,52 @@ def write_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The file's ``metadata_props`` as a ``{key: value}`` dict."""
+    """The file's ``metadata_props`` as a ``{key: value}`` dict (an ``.ort`` file: as onnxruntime reads them)."""
+    if Path(path).suffix == ".ort":
+        return dict(OnnxRunner(path).session.get_modelmeta().custom_metadata_map)
     import onnx
 
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+# ONNX Runtime Mobile runs ARM phones: the ORT file is optimised for them ("arm" leaves out the
+# x86-only NCHWc layout), at the tool's default fixed optimisation level.
+ORT_TARGET_PLATFORM = "arm"
+
+
+def to_ort(onnx_path: Path, ort_path: Path) -> dict[str, Any]:
+    """Convert with onnxruntime's own ``convert_onnx_models_to_ort`` tool → ``ort_path``.
+
+    The tool's list of the operators the model needs (for a reduced ORT Mobile build) is kept next
+    to the file as ``<name>.required_operators.config``. Returns conversion facts for the card.
+    """
+    import onnxruntime as ort
+    from onnxruntime.tools import convert_onnx_models_to_ort as tool
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "model.onnx"
+        src.write_bytes(onnx_path.read_bytes())
+        tool.convert_onnx_models_to_ort(
+            src,
+            output_dir=Path(d) / "out",
+            optimization_styles=[tool.OptimizationStyle.Fixed],
+            target_platform=ORT_TARGET_PLATFORM,
+        )
+        made = Path(d) / "out" / "model.ort"
+        if not made.is_file():
+            raise RuntimeError(f"onnxruntime's ORT conversion of {onnx_path.name} wrote no .ort file")
+        os.replace(made, ort_path)
+        config = Path(d) / "out" / "model.required_operators.config"
+        ops_file = ort_path.with_name(ort_path.stem + ".required_operators.config")
+        if config.is_file():
+            os.replace(config, ops_file)
+    return {
+        "container": "ort",
+        "ort_tool": f"onnxruntime {ort.__version__} convert_onnx_models_to_ort",
+        "ort_optimization": "fixed",
+        "ort_target_platform": ORT_TARGET_PLATFORM,
+        "required_operators": ops_file.name if ops_file.is_file() else None,
+    }
 
 
 class OnnxRunner:
@@ -208,13 +250,18 @@ class OnnxBackend:
     """ONNX behind the export protocol (``robkit.export.backends.Backend``)."""
 
     format, runtime = "onnx", "onnxruntime"
+    _onnx_source: Path  # the ONNX file convert() wrote (a scratch file for the ORT container)
+    ort_facts: dict[str, Any]  # what the ORT conversion reports, for the card
 
     def convert(self, job: ConvertJob) -> Converted:
         """fp32 through the dynamo exporter; int8 as static QDQ with the mixed-precision plan."""
         from robkit.export.int8 import SEARCH_IMAGES, plan_static_int8
         from robkit.export.quantize import bn_to_conv, cosine, layer_sensitivity, quantizable_layers
 
-        target, module, out = job.target, job.module, job.out
+        target, module = job.target, job.module
+        # The ORT container is made from the finished ONNX file in embed(), after its metadata.
+        out = job.tmp / "model.onnx" if target.container == "ort" else job.out
+        self._onnx_source = out
         fp32_path = out if target.precision == "fp32" else job.tmp / "fp32.onnx"
         conversion = {"runtime": "onnxruntime", **export_onnx(module, job.example, fp32_path)}
         plan = None
@@ -247,6 +294,10 @@ class OnnxBackend:
         """The card's provenance and I/O contract as ``metadata_props`` (``robkit.*`` string entries)."""
         from robkit.export.card import flat_metadata
 
+        if path.suffix == ".ort":  # metadata_props go into the ONNX file, which the tool then converts
+            write_metadata(self._onnx_source, flat_metadata(card))
+            self.ort_facts = to_ort(self._onnx_source, path)
+            return True
         write_metadata(path, flat_metadata(card))
         return True
 
@@ -254,7 +305,8 @@ class OnnxBackend:
         self, path: Path, job: ConvertJob, converted: Converted
     ) -> tuple[np.ndarray, str, dict[str, Any]]:
         """The file in onnxruntime on the parity images."""
-        return self.runner(path, torch.get_num_threads()).run_batches(job.par_x.numpy()), "", {}
+        facts = getattr(self, "ort_facts", {}) if path.suffix == ".ort" else {}
+        return self.runner(path, torch.get_num_threads()).run_batches(job.par_x.numpy()), "", dict(facts)
 
     def runner(self, path: Path, threads: int) -> OnnxRunner:
         """An onnxruntime CPU session."""

@@ -84,11 +84,12 @@ class ExportTarget:
     parity: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARITY))
     quantization: dict[str, Any] = field(default_factory=dict)
     coreml: dict[str, Any] = field(default_factory=dict)
+    container: str = ""  # ONNX only: "ort" writes the ORT format of ONNX Runtime Mobile
 
     @property
     def suffix(self) -> str:
-        """The file suffix of the target's format (e.g. ``.onnx``)."""
-        return SUFFIX[self.format]
+        """The file suffix of the target's format (e.g. ``.onnx``, ``.ort`` for the ORT container)."""
+        return ".ort" if self.container == "ort" else SUFFIX[self.format]
 
     @property
     def folds_normalization(self) -> bool:
@@ -120,6 +121,7 @@ def _from_record(rec: Record) -> ExportTarget:
         parity=parity,
         quantization=dict(f.get("quantization") or {}),
         coreml=dict(f.get("coreml") or {}),
+        container=str(f.get("container") or ""),
     )
 
 
@@ -163,6 +165,11 @@ def check_format(fmt: str) -> None:
 def validate(t: ExportTarget) -> ExportTarget:
     """Refuse combinations a format cannot produce, naming what it supports."""
     check_format(t.format)
+    if t.container not in ("", "ort") or (t.container and t.format != "onnx"):
+        raise TargetError(
+            f"target {t.name}: container {t.container!r} is not supported; the only container is 'ort' "
+            "(ONNX Runtime Mobile), for onnx targets"
+        )
     caps = CAPABILITIES[t.format]
     for key in ("precision", "layout", "input_dtype", "input"):
         value = getattr(t, key)

@@ -37,6 +37,7 @@ __all__ = [
     "make_checkpoint",
     "build_head",
     "load_student",
+    "checkpoint_classifier",
 ]
 
 FORMAT = 1
@@ -107,3 +108,25 @@ def load_student(
             head.eval()
         return student, head, meta
     return student, meta
+
+
+def checkpoint_classifier(
+    path_or_obj: str | os.PathLike | dict[str, Any],
+) -> tuple[nn.Module, list[str]] | None:
+    """The classifier head and label names of a ``robkit finetune`` checkpoint (``None`` for others).
+
+    A fine-tuned checkpoint stores its classifier as a ``LinearProbe`` head and the class names in
+    ``data.classes``; export puts both into the file.
+    """
+    ckpt = path_or_obj if isinstance(path_or_obj, dict) else safe_load(path_or_obj)
+    if not is_robkit_checkpoint(ckpt) or ckpt.get("method") != "finetune" or not ckpt.get("head"):
+        return None
+    head = build_head(ckpt["head"])
+    classes = [str(c) for c in (ckpt.get("data") or {}).get("classes") or []]
+    if (
+        head is None
+        or type(head).__name__ != "LinearProbe"
+        or len(classes) != getattr(head, "num_classes", -1)
+    ):
+        return None
+    return head.eval(), classes

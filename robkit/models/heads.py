@@ -281,8 +281,40 @@ class MSNHead(nn.Module):
         return z @ F.normalize(self.prototypes, dim=-1).t()
 
 
+class LinearProbe(nn.Module):
+    """``logits [B, num_classes] = Linear(BN(features [B, in_dim]))``.
+
+    ``bn=True`` is RoB's "batch normalization before the linear layer" head:
+    ``BatchNorm1d(in_dim, affine=False)`` — no learnt scale/shift, the linear layer has them.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, bn: bool = True) -> None:
+        super().__init__()
+        self.init_kwargs = _init_args(locals())
+        if in_dim < 1 or num_classes < 2:
+            raise ValueError(
+                f"LinearProbe needs in_dim >= 1 and num_classes >= 2, got {in_dim}, {num_classes}"
+            )
+        self.in_dim = in_dim
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm1d(in_dim, affine=False) if bn else nn.Identity()
+        self.linear = nn.Linear(in_dim, num_classes)
+        # DINO's eval_linear.py initialises the probe this way (weights N(0, 0.01), zero bias).
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    @property
+    def has_bn(self) -> bool:
+        """Whether the probe normalises its input with ``BatchNorm1d``."""
+        return isinstance(self.bn, nn.BatchNorm1d)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, in_dim]`` → logits ``[B, num_classes]``."""
+        return self.linear(self.bn(features))
+
+
 HEADS: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (DINOHead, iBOTHead, SwAVHead, MLPHead, MSNHead)
+    cls.__name__: cls for cls in (DINOHead, iBOTHead, SwAVHead, MLPHead, MSNHead, LinearProbe)
 }
 
 
