@@ -6,7 +6,8 @@ Stages (each skipped when its output is already complete, so a second invocation
 2. ``rob``      — RoB distillation of that teacher into ``mobilenet_v3_small``;
 3. ``sslight``  — the same student trained with SSLight and no teacher, same budget;
 4. ``eval``     — kNN and linear probes for all three plus the raw-pixel floor;
-5. ``export``   — the RoB student to TFLite int8, ONNX fp32 and int8, Core ML fp16, with parity;
+5. ``export``   — the RoB student to TFLite int8, ONNX fp32 and int8, Core ML fp16, with parity, and
+   with its linear probe as a labelled TFLite classifier that MediaPipe's ImageClassifier runs;
 6. ``bench``    — latency of the exported files against PyTorch eager;
 7. ``report``   — ``report.md``, ``report.html`` and PNG figures.
 """
@@ -30,6 +31,9 @@ STUDENT = "mobilenet_v3_small"
 TEACHER_ARCH = "resnet18"
 FASHION_MNIST_TRAIN = 60000  # training images of the embedded data set
 EXPORT_TARGETS = ("android-tflite-int8", "onnx-fp32", "onnx-int8-cpu", "ios-coreml-fp16")
+# The RoB student with its linear probe as a labelled classifier, checked in MediaPipe's ImageClassifier.
+CLASSIFIER_TARGET = "android-tflite-fp32"
+CLASSIFIER_CHECK_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,28 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
                 allow_fail=True,
             )  # a file that misses parity is kept, and its card (and report) says so
         files.append(dest)
+    classifier = exp_dir / f"{STUDENT}-{CLASSIFIER_TARGET}-classifier{get_target(CLASSIFIER_TARGET).suffix}"
+    if not Path(str(classifier) + ".json").exists():
+        _cli(
+            "export",
+            str(rob / "checkpoint.pt"),
+            "--target",
+            CLASSIFIER_TARGET,
+            "--probe",
+            str(out / "rob" / "probe.pt"),
+            "--out",
+            str(classifier),
+            "--parity-images",
+            str(b.parity_images),
+            log=log,
+            allow_fail=True,
+        )
+    files.append(classifier)
+    app_check_path = out / "app_check.json"
+    if classifier.exists() and not app_check_path.exists():
+        app_check_path.write_text(
+            json.dumps(_mediapipe_check(classifier, rob, out / "rob" / "probe.pt"), indent=2)
+        )
     if time.time() - t > 5 or "export" not in timings:
         timings["export"] = round(time.time() - t, 1)
         timings_path.write_text(json.dumps(timings))
@@ -292,7 +318,8 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
     bench_json = out / "bench.json"
     t = time.time()
     if not bench_json.exists():
-        runnable = [str(f) for f in files if f.suffix != ".mlpackage" and f.exists()]
+        # the classifier is the embedder plus one linear layer: its latency is the embedder's
+        runnable = [str(f) for f in files if f.suffix != ".mlpackage" and f.exists() and f != classifier]
         _cli(
             "bench",
             *runnable,
@@ -319,6 +346,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         "evals": evals,
         "learned": learning_verdict(evals),
         "exports": [_card(f) for f in files],
+        "app_check": json.loads(app_check_path.read_text()) if app_check_path.exists() else None,
         "bench": json.loads(bench_json.read_text()),
         "timings_s": timings,
         "runs": {"teacher": str(teacher), "rob": str(rob), "sslight": str(sslight)},
@@ -350,6 +378,45 @@ def learning_verdict(evals: dict[str, Any]) -> list[dict[str, Any]]:
                 {"run": run, "baseline": base, "gain": round(gain, 2), "target": need, "met": gain > need}
             )
     return rows
+
+
+def _mediapipe_check(classifier: Path, rob: Path, probe_path: Path) -> dict[str, Any]:
+    """The classifier file in MediaPipe's ImageClassifier (what an app runs) on Fashion-MNIST test images:
+    its label names, its top-1 against PyTorch's and against the true labels.
+    """
+    import torch
+
+    from robkit.evaluation.linear import load_probe
+    from robkit.export.images import load_images
+    from robkit.export.mediapipe_client import classify
+    from robkit.models.checkpoint import load_student
+    from robkit.utils.errors import RobkitError
+
+    student, meta = load_student(rob / "checkpoint.pt")
+    probe, pmeta = load_probe(probe_path)
+    res, norm = int(meta["resolution"]), meta["normalization"]
+    # test images the parity check did not use
+    u8, truth = load_images("fashion-mnist", "test", CLASSIFIER_CHECK_IMAGES, res, offset=5000)
+    m, s = torch.tensor(norm["mean"]).view(1, 3, 1, 1), torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = probe(student((u8.float() / 255 - m) / s)).argmax(1)
+    try:
+        top = classify(classifier, u8)
+    except (RobkitError, RuntimeError, ValueError) as e:  # MediaPipe missing, or the file refused
+        _log(f"MediaPipe check skipped: {e}")
+        return {"client": "mediapipe ImageClassifier", "error": str(e)}
+    got = torch.tensor([i for i, _, _ in top])
+    labels = pmeta["labels"]
+    return {
+        "client": "mediapipe ImageClassifier",
+        "file": classifier.name,
+        "images": len(top),
+        "label_names_match": all(name == labels[i] for i, name, _ in top),
+        "agreement_with_pytorch": float((got == ref).float().mean()),
+        "accuracy": float((got == truth).float().mean()),
+        "pytorch_accuracy": float((ref == truth).float().mean()),
+        "examples": [{"label": name, "score": round(score, 3)} for _, name, score in top[:4]],
+    }
 
 
 def _card(path: Path) -> dict[str, Any]:

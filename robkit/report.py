@@ -129,6 +129,26 @@ def _export_table(exports: list[dict[str, Any]], bench: dict[str, Any]) -> list[
     return lines
 
 
+def _app_check_lines(check: dict[str, Any] | None) -> list[str]:
+    """The labelled classifier in the app's own client (MediaPipe ImageClassifier)."""
+    if not check:
+        return []
+    lines = ["## The classifier in an app's client", ""]
+    if check.get("error"):
+        return [*lines, f"MediaPipe's ImageClassifier could not run here: {check['error']}", ""]
+    examples = ", ".join(f"{e['label']} ({e['score']:.2f})" for e in check.get("examples", []))
+    return [
+        *lines,
+        f"`{check['file']}` (the RoB student with its linear probe; label names inside the file) in "
+        f"MediaPipe's ImageClassifier on {check['images']} Fashion-MNIST test images: top-1 agrees with "
+        f"PyTorch on {100 * check['agreement_with_pytorch']:.1f} % of them; accuracy "
+        f"{100 * check['accuracy']:.1f} % (PyTorch {100 * check['pytorch_accuracy']:.1f} %); label names "
+        f"{'match the probe' if check['label_names_match'] else '**do not match the probe**'}. "
+        f"First results: {examples}.",
+        "",
+    ]
+
+
 def write_report(out: Path, summary: dict[str, Any]) -> Path:
     """Write ``report.md`` and ``report.html`` with their figures into ``out`` from the demo ``summary``;
     returns the path of ``report.md``.
@@ -180,6 +200,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         "",
         "![latency](latency.png)" if "latency" in figs else "",
         "",
+        *_app_check_lines(summary.get("app_check")),
         "## Time per stage (s)",
         "",
         "| " + " | ".join(summary["timings_s"]) + " |",

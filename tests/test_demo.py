@@ -7,6 +7,12 @@ from click.testing import CliRunner
 from robkit.cli import main
 
 
+def fashion_mnist_classes():
+    from robkit.data.datasets import fashion_mnist
+
+    return fashion_mnist("test", limit=1).classes
+
+
 def test_demo_tiny_end_to_end_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBKIT_HOME", str(tmp_path / "home"))
     out = tmp_path / "demo"
@@ -52,6 +58,13 @@ def test_demo_tiny_end_to_end_and_resumable(tmp_path, monkeypatch):
         c = e["card"]
         assert c["recipe"] == "rob-dino-small" and c["data"] == "fashion-mnist" and c["method"] == "rob-dino"
         assert c["teacher"] and c["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    # the labelled classifier, as the app's own client (MediaPipe ImageClassifier) runs it
+    cls = [e for e in summary["exports"] if e["file"].endswith("-classifier.tflite")]
+    assert len(cls) == 1 and cls[0]["card"]["labels"] == list(fashion_mnist_classes())
+    check = summary["app_check"]
+    assert check["client"] == "mediapipe ImageClassifier" and check["label_names_match"], check
+    assert check["agreement_with_pytorch"] >= 0.95 and check["images"] == 64
+    assert "ImageClassifier" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
     rob_ckpt = (out / "rob" / "checkpoint.pt").stat().st_mtime

@@ -82,3 +82,50 @@ def test_image_classifier_labels_and_top1(student, test_images, tmp_path):
     assert [c.category_name for c in top] == [labels[i] for i in ref.argmax(1)]
     assert [c.index for c in top] == list(ref.argmax(1))
     np.testing.assert_allclose([c.score for c in top], ref.max(1), rtol=1e-3, atol=1e-3)
+
+
+def test_a_finetuned_classifier_is_labelled_by_mediapipe(tmp_path):
+    """`robkit finetune` → `robkit export` (no --probe) → MediaPipe ImageClassifier returns Fashion-MNIST's
+    class names, the classes PyTorch predicts, on real test images."""
+    from robkit.data.datasets import fashion_mnist
+    from robkit.evaluation.finetune import finetune
+    from robkit.export.exporter import export_checkpoint
+    from robkit.models.checkpoint import atomic_save, checkpoint_classifier, load_student, make_checkpoint
+
+    net = make_student("mobilenet_v3_small")
+    src = atomic_save(
+        make_checkpoint(
+            kind="distill",
+            method="rob",
+            student={"arch": "mobilenet_v3_small", "kwargs": {}},
+            backbone=net.backbone.state_dict(),
+            head=None,
+            teacher=None,
+            normalization={"mean": MEAN, "std": STD},
+            resolution=RES,
+            config={},
+            metrics={},
+            seed=0,
+        ),
+        tmp_path / "src.pt",
+    )
+    _, out = finetune(src, out=tmp_path / "ft", mode="linear", train_limit=512, test_limit=32, progress=False)
+    res = export_checkpoint(
+        out / "checkpoint.pt", target="android-tflite-int8", parity_images=16, calibration_images=32
+    )
+    names = list(fashion_mnist("test", limit=1).classes)
+    assert res.card["labels"] == names
+    u8, truth = load_images("fashion-mnist", "test", 48, RES, offset=700)
+    options = vision.ImageClassifierOptions(
+        base_options=mp_base.BaseOptions(model_asset_path=str(res.path)), max_results=1
+    )
+    with vision.ImageClassifier.create_from_options(options) as classifier:
+        top = [classifier.classify(im).classifications[0].categories[0] for im in mp_images(u8)]
+    student, _ = load_student(out / "checkpoint.pt")
+    head, _ = checkpoint_classifier(out / "checkpoint.pt")
+    with torch.no_grad():
+        ref = head(student(normalised(u8))).argmax(1)
+    got = torch.tensor([c.index for c in top])
+    assert [c.category_name for c in top] == [names[i] for i in got]
+    assert float((got == ref).float().mean()) >= get_target("android-tflite-int8").parity["min_top1"]
+    assert float((got == truth).float().mean()) > 0.3  # ten classes: chance is 0.1

@@ -178,7 +178,7 @@ def bench(
     from robkit.export import bench as B
 
     if not paths and not merge:
-        raise click.UsageError("give exported files (.onnx, .tflite, .pte) and/or --merge results")
+        raise click.UsageError("give exported files (.onnx, .ort, .tflite, .pte) and/or --merge results")
     counts = sorted({int(t) for t in threads.split(",") if t.strip()})
     try:
         report = B.bench_files(
