@@ -120,5 +120,47 @@ def test_auto_raises_the_last_failure_and_a_named_target_is_not_retried(tmp_path
         X.export_checkpoint(ckpt, target="auto", fmt="onnx")
 
 
+def test_auto_returns_the_fastest_passing_file_and_every_card_records_the_timing(tmp_path, monkeypatch):
+    ckpt = _checkpoint(tmp_path)
+    names = ["onnx-fp32", "onnx-int8-cpu", "android-tflite-fp32"]
+    monkeypatch.setattr("robkit.export.targets.auto_candidates", lambda arch: names)
+    fake, seen = _fake_export({"onnx-int8-cpu": ParityError("misses", None)})
+
+    def writing(student, target, dest, **kw):  # the fake result, with a file on disk
+        res = fake(student, target, dest, **kw)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(target.name.encode())
+        return res
+
+    monkeypatch.setattr(X, "export_model", writing)
+    timed = []
+    # the catalog lists onnx-fp32 first; measured here it is the slower file
+    monkeypatch.setattr(X, "time_files", lambda paths, threads: timed.append(paths) or [5.0, 2.0])
+    lines = []
+    res = X.export_checkpoint(ckpt, target="auto", echo=lines.append)
+    assert seen == names and [p.name for p in timed[0]] == ["ckpt-onnx-fp32", "ckpt-android-tflite-fp32"]
+    assert res.card["target"] == "android-tflite-fp32" and res.skipped == ["onnx-int8-cpu"]
+    for p in timed[0]:
+        auto = cards.read_card(p)["auto"]
+        assert auto["chosen"] == "android-tflite-fp32" and auto["threads"] == 2
+        assert [(c["target"], c["median_ms"]) for c in auto["candidates"]] == [
+            ("onnx-fp32", 5.0),
+            ("android-tflite-fp32", 2.0),
+        ]
+    assert any("android-tflite-fp32 2.00 ms" in line for line in lines)
+
+
+def test_auto_timing_on_real_files_picks_the_smallest_median(tmp_path, monkeypatch):
+    ckpt = _checkpoint(tmp_path)
+    monkeypatch.setattr("robkit.export.targets.auto_candidates", lambda arch: ["onnx-fp32", "onnx-int8-cpu"])
+    res = X.export_checkpoint(
+        ckpt, target="auto", echo=lambda s: None, parity_images=8, calibration_images=16
+    )
+    auto = res.card["auto"]
+    fastest = min(auto["candidates"], key=lambda c: c["median_ms"])
+    assert res.card["target"] == auto["chosen"] == fastest["target"]
+    assert all(c["median_ms"] > 0 for c in auto["candidates"]) and auto["cpu"]
+
+
 def test_backends_module_lists_every_format():
     assert set(backends._MODULES) == set(FORMATS)

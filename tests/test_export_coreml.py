@@ -96,3 +96,36 @@ def test_image_input_expects_pixels_scaled_to_unit_range(vit_and_probe, tmp_path
     with torch.no_grad():
         ref = probe(student((u8.float() / 255 - m) / s)).softmax(-1)
         torch.testing.assert_close(wrapped(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_palettised_parity_uses_the_look_up_tables_written_in_the_file(tmp_path):
+    """The Linux proxy of a palettised package computes with the file's own LUT weights, read back."""
+    import copy
+
+    import numpy as np
+    from export_helpers import make_student, normalised
+
+    from robkit.export import coreml_format as C
+    from robkit.export.exporter import export_model
+    from robkit.export.quantize import QUANTIZABLE
+
+    student = make_student("mobilenet_v3_small").eval()
+    target = get_target("ios-coreml-palette6")
+    meta = {"normalization": {"mean": MEAN, "std": STD}, "resolution": RES}
+    res = export_model(student, target, tmp_path / "pal", parity_images=16, meta=meta, strict=False)
+    weights = C.file_weights(res.path)
+    folded = C.fold_batchnorm(copy.deepcopy(student))  # the converter stores BatchNorm folded in
+    big = [m.weight for m in folded.modules() if isinstance(m, QUANTIZABLE) and m.weight.numel() > 2048]
+    assert len(weights) == len(big) == res.card["conversion"]["compressed_weights_read_back"]
+    for w, p in zip(weights, big, strict=True):
+        assert w.shape == tuple(p.shape) and len(np.unique(w)) <= 2**6  # a 6-bit palette
+        rel = np.linalg.norm(w - p.detach().numpy()) / np.linalg.norm(p.detach().numpy())
+        assert rel < 0.2  # the palette approximates this very weight: the order lines up
+    # the parity figure is the proxy built from those weights, recomputed here
+    u8, _ = load_images("fashion-mnist", "test", 16, RES)
+    with torch.no_grad():
+        ref = student(normalised(u8))
+        sim = C.simulated_module(student, target, weights)(normalised(u8))
+    cos = torch.nn.functional.cosine_similarity(ref, sim, dim=1).mean().item()
+    assert res.card["parity"]["cosine"] == pytest.approx(cos, abs=2e-3)
+    assert "read back from the file" in res.card["parity"]["note"]

@@ -32,7 +32,9 @@ def _quiet_converters() -> None:
 )
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Numeric precision.")
 @click.option(
-    "--target", help="Catalog target (see export/targets.yaml), or 'auto': fastest target meeting parity."
+    "--target",
+    help="Catalog target (see export/targets.yaml), or 'auto': every candidate of the student's "
+    "architecture exported, and the fastest file meeting parity (timed here, side by side) returned.",
 )
 @click.option(
     "--out", type=click.Path(), help="Output file (suffix added if missing). Default: next to CHECKPOINT."
@@ -135,6 +137,10 @@ def _summary(res: ExportResult, skipped: list[str]) -> None:
             click.echo(f"  int8     every supported layer quantised ({q['quantized_ops']})")
     if skipped:
         click.echo(f"  auto     skipped {', '.join(skipped)} (parity or availability)")
+    auto = card.get("auto")
+    if auto:
+        timed = ", ".join(f"{c['target']} {c['median_ms']:.2f} ms" for c in auto["candidates"])
+        click.echo(f"  auto     fastest at {auto['threads']} threads on {auto['cpu']}: {timed}")
     if card["format"] == "coreml":
         click.echo("\nnext: open the .mlpackage in Xcode (Performance tab) to time it on an Apple device")
     else:

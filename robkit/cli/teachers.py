@@ -16,7 +16,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 @click.group("teachers")
 def teachers() -> None:
-    """The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads."""
+    """The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads, DINOv2 backbones."""
 
 
 @teachers.command("list")
@@ -143,6 +143,20 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
     with torch.inference_mode():
         out = teacher(x)
     t_fwd = time.perf_counter() - t0
+    if getattr(teacher, "headless", False):  # a backbone without a head: features only
+        finite = bool(torch.isfinite(out.features).all() and torch.isfinite(out.patch_features).all())
+        click.echo(f"family:  {teacher.family} (no head: features, no logits)")
+        click.echo(f"arch:    {teacher.arch}")
+        click.echo(
+            f"params:  {sum(q.numel() for q in teacher.parameters()) / 1e6:.1f} M   input {teacher.resolution}px  "
+            f"mean {teacher.mean}  std {teacher.std}"
+        )
+        click.echo(f"features {tuple(out.features.shape)}  patch_features {tuple(out.patch_features.shape)}")
+        click.echo(f"time:    load {t_load:.1f}s  forward {t_fwd * 1000:.0f} ms ({device})")
+        if not finite:
+            raise click.ClickException("non-finite outputs")
+        click.echo("verify: OK")
+        return
     p = torch.softmax(out.logits.float() / teacher.default_temperature, dim=-1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
     finite = bool(torch.isfinite(out.logits).all() and torch.isfinite(out.features).all())

@@ -148,6 +148,12 @@ def teacher_head_family(teacher: Any) -> str:
     fam = getattr(teacher, "family", "")
     if fam in ("dino", "ibot", "msn", "swav"):
         return fam
+    if getattr(teacher, "headless", False):
+        raise TeacherLoadError(
+            f"teacher {getattr(teacher, 'name', '?')!r} is a backbone without a released head ({fam}): RoB distils "
+            "a head's distribution over prototypes, which this teacher does not have. Distil from a DINO, iBOT, "
+            "MSN or SwAV teacher (`robkit teachers list`); distillation from headless backbones is not built yet."
+        )
     head_type = getattr(teacher, "head_type", None) or type(getattr(teacher, "head", None)).__name__
     if head_type in HEAD_FAMILIES:
         return HEAD_FAMILIES[head_type]
@@ -336,8 +342,9 @@ def distill(
     """
     from robkit import teachers as zoo
 
-    tch = teacher_obj if teacher_obj is not None else zoo.load(teacher)
-    family = teacher_head_family(tch)
+    loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher)
+    family = teacher_head_family(loaded)  # refuses a teacher without a head
+    tch = cast(Teacher, loaded)
     ds = _dataset(data, data_limit)
     cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
     if cfg.teacher_family and cfg.teacher_family != family:

@@ -292,8 +292,9 @@ def build_cache(
     from robkit.engine.trainer import step_generator
     from robkit.models.students import STUDENTS
 
-    tch = cast(Teacher, teacher_obj) if teacher_obj is not None else zoo.load(teacher)
-    family = teacher_head_family(tch)
+    loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher)
+    family = teacher_head_family(loaded)  # refuses a teacher without a head
+    tch = cast(Teacher, loaded)
     ds = _dataset(data, data_limit)
     cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
     form = form or CacheForm()

@@ -153,20 +153,82 @@ def _kmeans_1d(w: torch.Tensor, k: int, iters: int = 8) -> torch.Tensor:
     return centers[(flat[:, None] - centers[None]).abs().argmin(1)].view_as(w)
 
 
-def simulated_module(module: nn.Module, target: ExportTarget) -> nn.Module:
-    """PyTorch stand-in with the file's weight rounding (fp16, int8 per-channel or k-means LUT)."""
+# coremltools' constexpr ops that hold a compressed weight (palettised, int8 affine, blockwise)
+_COMPRESSED_OPS = ("constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
+
+
+def file_weights(path: str | os.PathLike) -> list[np.ndarray]:
+    """The compressed weights the saved package holds, decompressed as Core ML will use them, in
+    program order: each ``constexpr_lut_to_dense`` is the file's own look-up table indexed by its own
+    indices, each ``constexpr_affine_dequantize`` its own int8 values and scales (read from the saved
+    MIL program with coremltools; no macOS needed).
+    """
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    prog = milproto.load(
+        spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir
+    )
+    out = []
+    for fn in prog.functions.values():
+        for op in fn.operations:
+            if op.op_type in _COMPRESSED_OPS:
+                out.append(np.asarray(op.materialized_val_inference(), dtype=np.float32))
+    return out
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``Conv2d`` directly followed by a ``BatchNorm2d`` (eval statistics) fused
+    into that conv and the BatchNorm replaced by ``Identity``: what the Core ML converter stores.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for parent in module.modules():
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                parent._modules[a] = fuse_conv_bn_eval(conv, bn)
+                parent._modules[b] = nn.Identity()
+    return module
+
+
+def simulated_module(
+    module: nn.Module, target: ExportTarget, weights: list[np.ndarray] | None = None
+) -> nn.Module:
+    """PyTorch stand-in with the file's weight rounding (fp16, int8 per-channel or k-means LUT).
+
+    ``weights`` (:func:`file_weights`) are the compressed weights read back from the file: with
+    BatchNorm folded into the convs as the converter does, in module order, each conv/linear weight
+    whose shape is the next one's takes it (coremltools leaves small
+    weights uncompressed, and those keep their fp16 rounding), so the stand-in computes with the
+    file's own look-up tables or int8 values rather than a rounding of its own.
+    """
     sim = copy.deepcopy(module).eval()
-    compression = target.coreml.get("compression")
+    if weights is not None:  # the file stores BatchNorm folded into the convs
+        sim = fold_batchnorm(sim)
+    compression = str(target.coreml.get("compression") or "")
+    queue = list(weights or [])
     with torch.no_grad():
         for m in sim.modules():
             for name, p in m.named_parameters(recurse=False):
-                if compression and isinstance(m, QUANTIZABLE) and name == "weight":
-                    if compression == "linear8":
-                        p.copy_(fake_quant_weight(p))
-                    elif compression.startswith("palettize") and p.numel() >= 2048:
-                        p.copy_(_kmeans_1d(p, 2 ** int(compression.removeprefix("palettize"))))
+                compressed = bool(compression) and isinstance(m, QUANTIZABLE) and name == "weight"
+                if compressed and weights is not None:
+                    if queue and tuple(queue[0].shape) == tuple(p.shape):
+                        p.copy_(torch.from_numpy(queue.pop(0)))
+                elif compressed and compression == "linear8":
+                    p.copy_(fake_quant_weight(p))
+                elif compressed and compression.startswith("palettize") and p.numel() >= 2048:
+                    p.copy_(_kmeans_1d(p, 2 ** int(compression.removeprefix("palettize"))))
                 if target.precision != "fp32":
                     p.copy_(p.half().float())
+    if queue:
+        raise ValueError(
+            f"{len(queue)} compressed weight(s) of the Core ML file (first of shape {tuple(queue[0].shape)}) "
+            "match no layer of the model, in order"
+        )
     return sim
 
 
@@ -272,12 +334,17 @@ class CoreMLBackend:
         if can_run_coreml():
             facts.update(runtime="Core ML (macOS)", executed=True)
             return predict(path, job.par_x.numpy(), job.target), "", facts
+        compression = job.target.coreml.get("compression")
+        weights = file_weights(path) if compression else None
+        if weights is not None:
+            facts["compressed_weights_read_back"] = len(weights)
         with torch.no_grad():
-            proxy = simulated_module(job.module, job.target)(job.par_x).numpy()
+            proxy = simulated_module(job.module, job.target, weights)(job.par_x).numpy()
         note = (
             "Core ML cannot execute on Linux: the program was checked structurally (inputs, outputs, ops, "
-            "weight dtypes, metadata) and the numbers are from PyTorch with the file's weight rounding; "
-            "numeric parity of the file itself needs macOS."
+            "weight dtypes, metadata) and the numbers are from PyTorch with the file's weight rounding"
+            + (" (its compressed weights read back from the file)" if weights is not None else "")
+            + "; numeric parity of the file itself needs macOS."
         )
         return proxy, note, facts
 

@@ -32,6 +32,7 @@ from robkit.export.wrappers import build_export_module, make_inputs
 from robkit.utils.constants import imagenet_normalization
 
 log = logging.getLogger(__name__)
+AUTO_ROUNDS = 20  # interleaved timing rounds per candidate file of `--target auto`
 
 
 @dataclass
@@ -230,6 +231,7 @@ def export_checkpoint(
     labels: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
     echo: Callable[[str], None] = log.info,
+    auto_threads: int | None = None,
     **options: Any,
 ) -> ExportResult:
     """Export a robkit ``checkpoint`` (+ a linear ``probe`` such as ``robkit eval linear``'s, with its ``labels``).
@@ -237,8 +239,10 @@ def export_checkpoint(
     A ``robkit finetune`` checkpoint exports as its classifier, with its label names, unless ``probe`` is given.
 
     ``target``: a catalog target, or ``"auto"`` for the fastest target of the student's
-    architecture that meets parity (``targets.auto_candidates``): a target that misses parity or
-    whose converter is not installed is skipped, and the next one is tried. ``fmt``/``precision``
+    architecture that meets parity: every candidate (``targets.auto_candidates``) is exported, a
+    target that misses parity or whose converter is not installed is skipped, and the files that pass
+    are timed side by side here (``auto_threads``, default 2) and the fastest is returned
+    (:func:`choose_fastest`). ``fmt``/``precision``
     pick the default target of that format; ``overrides`` change its ``layout``/``input_dtype``.
     The file goes to ``out`` (default: ``export/<checkpoint stem>-<target>`` next to the
     checkpoint). ``options`` are :func:`export_model`'s keywords (resolution, data, image counts).
@@ -257,30 +261,85 @@ def export_checkpoint(
         raise TargetError("--target auto chooses the format and precision; drop --format/--precision")
     names = auto_candidates(student.arch) if auto else [target]
     skipped: list[str] = []
-    for i, name in enumerate(names):
+    passed: list[ExportResult] = []
+    last_error: BaseException | None = None
+    for name in names:
         t = resolve_target(fmt, precision, name, **{k: v for k, v in (overrides or {}).items() if v})
         stem = Path(checkpoint).with_suffix("").name
         dest = Path(out) if out else Path(checkpoint).parent / "export" / f"{stem}-{t.name}"
         if out and auto:
             dest = Path(out).with_name(f"{Path(out).stem}-{t.name}")
         echo(f"exporting {student.arch} to {t.name} ({t.description})")
-        last = i + 1 == len(names)
         try:
             res = export_model(
                 student, t, dest, probe=probe, labels=labels, meta=meta, checkpoint=str(checkpoint), **options
             )
         except ParityError as e:
-            if not auto or last:
+            if not auto:
                 raise
             echo(f"  {t.name} misses parity ({e.report.summary() if e.report else e}); trying the next")
             skipped.append(t.name)
+            last_error = e
             continue
         except RuntimeError as e:
-            if not auto or last or "pip install" not in str(e):
+            if not auto or "pip install" not in str(e):
                 raise
             echo(f"  {t.name} unavailable ({str(e).splitlines()[0]}); trying the next")
             skipped.append(t.name)
+            last_error = e
             continue
-        res.skipped = skipped
-        return res
-    raise TargetError(f"no export target for {student.arch}")  # auto_candidates is never empty
+        if not auto:
+            return res
+        passed.append(res)
+    if not passed:
+        assert last_error is not None  # auto_candidates is never empty
+        raise last_error
+    best = choose_fastest(passed, echo=echo, threads=auto_threads)
+    best.skipped = skipped
+    return best
+
+
+def time_files(paths: list[Path], threads: int, rounds: int = AUTO_ROUNDS) -> list[float]:
+    """Median latency in ms of each exported file, timed side by side (interleaved rounds)."""
+    from robkit.export import bench
+
+    runners = [bench.file_runner(p, threads) for p in paths]
+    bench.run_interleaved(runners, rounds=rounds, warmup=3)
+    return [sorted(r.times)[len(r.times) // 2] * 1e3 for r in runners]
+
+
+def choose_fastest(
+    results: list[ExportResult], echo: Callable[[str], None] = log.info, threads: int | None = None
+) -> ExportResult:
+    """The fastest of the files that met parity, measured here side by side; every card records the
+    comparison (``auto``: candidates, their median ms, the threads and CPU), so a file that meets parity
+    but is slower than another one never becomes the default.
+    """
+    from robkit.engine.hardware import usable_cores
+    from robkit.utils.machine import cpu_name
+
+    if len(results) == 1:
+        return results[0]
+    n = int(threads or min(2, usable_cores()))
+    medians = time_files([r.path for r in results], n)
+    best_i = min(range(len(results)), key=lambda i: medians[i])
+    record: dict[str, Any] = {
+        "chosen": results[best_i].card.get("target"),
+        "threads": n,
+        "cpu": cpu_name(),
+        "rounds": AUTO_ROUNDS,
+        "candidates": [
+            {"target": r.card.get("target"), "file": r.path.name, "median_ms": round(m, 3)}
+            for r, m in zip(results, medians, strict=True)
+        ],
+    }
+    for r in results:
+        r.card = {**r.card, "auto": record}
+        cards.write_card(r.path, r.card)
+    echo(
+        "  measured at "
+        + f"{n} threads: "
+        + ", ".join(f"{c['target']} {c['median_ms']:.2f} ms" for c in record["candidates"])
+        + f" -> {record['chosen']}"
+    )
+    return results[best_i]

@@ -1,8 +1,10 @@
-"""The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads.
+"""The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads, and the
+headless DINOv2 backbones.
 
-``load(name_or_path)`` returns a frozen :class:`Teacher`; names come from the catalog in the
-top-level ``teachers/`` folder (``robkit teachers list``), paths may be any checkpoint in one of
-the four official layouts or a robkit checkpoint.
+``load(name_or_path)`` returns a frozen :class:`Teacher` (or, for a backbone without a head, a
+:class:`~robkit.teachers.dinov2.BackboneTeacher`); names come from the catalog in the top-level
+``teachers/`` folder (``robkit teachers list``), paths may be any checkpoint in one of the official
+layouts or a robkit checkpoint.
 """
 
 from __future__ import annotations
@@ -11,13 +13,22 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from robkit.teachers.dinov2 import BackboneTeacher
 from robkit.teachers.teacher import Teacher, TeacherLoadError, TeacherOutput
 from robkit.utils.errors import RobkitError
 
 if TYPE_CHECKING:
     from robkit.catalog import Record, Registry
 
-__all__ = ["Teacher", "TeacherOutput", "TeacherLoadError", "load", "catalog", "resolve_file"]
+__all__ = [
+    "BackboneTeacher",
+    "Teacher",
+    "TeacherOutput",
+    "TeacherLoadError",
+    "load",
+    "catalog",
+    "resolve_file",
+]
 
 
 class TeacherFileMissing(RobkitError, FileNotFoundError):
@@ -67,8 +78,9 @@ def load(
     head: dict[str, Any] | None = None,
     download: bool = True,
     progress: bool = True,
-) -> Teacher:
-    """A frozen teacher by catalog name or by file.
+) -> Teacher | BackboneTeacher:
+    """A frozen teacher by catalog name or by file (a headless DINOv2 backbone gives a
+    :class:`~robkit.teachers.dinov2.BackboneTeacher`: features, no logits).
 
     ``checkpoint_key`` picks the network in a multi-network file (default: the catalog's, else
     ``teacher`` for DINO/iBOT, ``target_encoder`` for MSN).  ``arch`` / ``head`` declare
@@ -98,8 +110,21 @@ def load(
         raise TeacherLoadError(
             f"{path} holds a {family} checkpoint, but catalog entry {name!r} is {record.family}"
         )
+    teacher: Teacher | BackboneTeacher
     if family == "robkit":
         teacher = teacher_from_robkit(obj, name=name, sha256=digest, source=str(path))
+    elif family == "dinov2":
+        from robkit.teachers.dinov2 import dinov2_teacher
+
+        norm = (record.get("normalization") or {}) if record is not None else {}
+        teacher = dinov2_teacher(
+            obj.get("state_dict", obj),
+            name,
+            declared={**_declared(record, "arch"), **(arch or {})},
+            meta={"resolution": record.get("resolution") if record is not None else None, **norm},
+            sha256=digest,
+            source=str(path),
+        )
     else:
         key = checkpoint_key or (record.get("checkpoint_key") if record is not None else None)
         spec = parse_checkpoint(obj, key)

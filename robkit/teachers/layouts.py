@@ -30,7 +30,7 @@ from robkit.utils.errors import RobkitError
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
-FAMILIES = ("dino", "ibot", "msn", "swav", "robkit")
+FAMILIES = ("dino", "ibot", "msn", "swav", "dinov2", "robkit")
 
 
 class LayoutError(RobkitError, ValueError):
@@ -365,7 +365,7 @@ def _from_swav(sd: StateDict, wrapped: bool) -> TeacherSpec:
 
 
 def detect_family(obj: Any) -> str:
-    """``'dino' | 'ibot' | 'msn' | 'swav' | 'robkit'`` from the contents of a loaded checkpoint."""
+    """``'dino' | 'ibot' | 'msn' | 'swav' | 'dinov2' | 'robkit'`` from the contents of a loaded checkpoint."""
     from robkit.models.checkpoint import is_robkit_checkpoint
 
     if is_robkit_checkpoint(obj):
@@ -383,6 +383,10 @@ def detect_family(obj: Any) -> str:
         return "ibot" if head2 else "dino"
     sd = obj.get("state_dict", obj)
     if _is_state_dict(sd):
+        from robkit.teachers.dinov2 import is_dinov2_state
+
+        if is_dinov2_state(sd):  # a headless DINOv2 backbone (robkit.teachers.dinov2)
+            return "dinov2"
         keys = {k.removeprefix("module.") for k in sd}
         if any(k.startswith("prototypes.") for k in keys) or any(
             k.startswith("projection_head.") for k in keys
@@ -415,6 +419,8 @@ def parse_checkpoint(obj: Any, checkpoint_key: str | None = None) -> TeacherSpec
     family = detect_family(obj)
     if family == "robkit":
         raise LayoutError("robkit checkpoints are read by robkit.models.checkpoint.load_student")
+    if family == "dinov2":
+        raise LayoutError("DINOv2 backbones have no head; robkit.teachers.dinov2 builds them")
     if family in ("dino", "ibot"):
         entry = obj if "teacher" in obj else {"teacher": obj.get("state_dict", obj)}
         return _from_multicrop(entry, family, checkpoint_key or "teacher", _namespace_dict(obj.get("args")))
