@@ -365,11 +365,10 @@ def _export(
     """
     import contextlib
 
-    from robkit.cli.export import _quiet_converters
-    from robkit.export.exporter import export_checkpoint
+    from robkit.export.exporter import export_checkpoint, quiet_converters
     from robkit.utils.errors import RobkitError
 
-    _quiet_converters()
+    quiet_converters()
     probe, labels = None, None
     if probe_path is not None:
         from robkit.evaluation.linear import load_probe

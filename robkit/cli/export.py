@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,14 +13,6 @@ from robkit.utils.errors import RobkitError
 
 if TYPE_CHECKING:
     from robkit.export.exporter import ExportResult
-
-
-def _quiet_converters() -> None:
-    """The converters log every pass; keep the terminal for robkit's own summary."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GLOG_minloglevel", "3")
-    for name in ("torch.onnx", "coremltools", "absl", "onnxscript", "litert_torch", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @click.command("export")
@@ -77,7 +67,9 @@ def export(
       robkit export run/checkpoint.pt --target android-tflite-int8 --probe run/probe.pt
       robkit export run/checkpoint.pt --target auto                   (fastest target meeting parity)
     """
-    _quiet_converters()
+    from robkit.export.exporter import quiet_converters
+
+    quiet_converters()
     from robkit.export.exporter import export_checkpoint
     from robkit.export.targets import TargetError
 
@@ -180,7 +172,9 @@ def bench(
     update_cards: bool,
 ) -> None:
     """Latency of exported files (median/p90, interleaved), size, MACs and GFLOP/s vs the CPU's peak."""
-    _quiet_converters()
+    from robkit.export.exporter import quiet_converters
+
+    quiet_converters()
     from robkit.export import bench as B
 
     if not paths and not merge:

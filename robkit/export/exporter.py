@@ -12,6 +12,7 @@ held-out test split), **convert** (one ``torch.export`` program per file), **emb
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,14 @@ class ExportResult:
     def passed(self) -> bool:
         """Whether the file passed its parity check."""
         return self.parity.passed
+
+
+def quiet_converters() -> None:
+    """The converters log every pass; keep the terminal for robkit's own summary."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GLOG_minloglevel", "3")
+    for name in ("torch.onnx", "coremltools", "absl", "onnxscript", "litert_torch", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def export_model(
