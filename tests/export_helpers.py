@@ -28,6 +28,29 @@ def make_student(arch: str, images: int = 64, offset: int = 5000):
     return reestimate_batchnorm(student, normalised(u8))
 
 
+def save_student_checkpoint(student, path, arch: str = "mobilenet_v3_small", **fields):
+    """``student`` saved as a robkit checkpoint at the test resolution and normalisation; returns the path.
+
+    ``fields`` override the record (kind, method, teacher, config, metrics, seed, ...).
+    """
+    from robkit.models.checkpoint import atomic_save, make_checkpoint
+
+    record = {
+        "kind": "pretrain",
+        "method": "dino",
+        "student": {"arch": arch, "kwargs": {}},
+        "backbone": student.backbone.state_dict(),
+        "head": None,
+        "teacher": None,
+        "normalization": {"mean": MEAN, "std": STD},
+        "resolution": RES,
+        "config": {},
+        "metrics": {},
+        **fields,
+    }
+    return atomic_save(make_checkpoint(**record), path)
+
+
 def cos(a, b) -> float:
     """Mean row cosine, computed independently of robkit's parity code."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()

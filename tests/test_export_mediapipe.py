@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import MEAN, RES, STD, cos, make_student, normalised
+from export_helpers import MEAN, RES, STD, cos, make_student, normalised, save_student_checkpoint
 
 from robkit.export.images import load_images
 from robkit.export.targets import get_target
@@ -90,25 +90,9 @@ def test_a_finetuned_classifier_is_labelled_by_mediapipe(tmp_path):
     from robkit.data.datasets import fashion_mnist
     from robkit.evaluation.finetune import finetune
     from robkit.export.exporter import export_checkpoint
-    from robkit.models.checkpoint import atomic_save, checkpoint_classifier, load_student, make_checkpoint
+    from robkit.models.checkpoint import checkpoint_classifier, load_student
 
-    net = make_student("mobilenet_v3_small")
-    src = atomic_save(
-        make_checkpoint(
-            kind="distill",
-            method="rob",
-            student={"arch": "mobilenet_v3_small", "kwargs": {}},
-            backbone=net.backbone.state_dict(),
-            head=None,
-            teacher=None,
-            normalization={"mean": MEAN, "std": STD},
-            resolution=RES,
-            config={},
-            metrics={},
-            seed=0,
-        ),
-        tmp_path / "src.pt",
-    )
+    src = save_student_checkpoint(make_student("mobilenet_v3_small"), tmp_path / "src.pt", seed=0)
     _, out = finetune(src, out=tmp_path / "ft", mode="linear", train_limit=512, test_limit=32, progress=False)
     res = export_checkpoint(
         out / "checkpoint.pt", target="android-tflite-int8", parity_images=16, calibration_images=32

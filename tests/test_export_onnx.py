@@ -8,30 +8,23 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from export_helpers import MEAN, RES, STD, cos, make_student, normalised
+from export_helpers import MEAN, RES, STD, cos, make_student, normalised, save_student_checkpoint
 from torch import nn
 
 from robkit.cli import main
 from robkit.export.images import load_images
-from robkit.models.checkpoint import atomic_save, make_checkpoint
 
 
 def make_student_checkpoint(path, arch: str = "resnet18"):
     """:func:`make_student` saved as a robkit checkpoint."""
     student = make_student(arch)
-    ckpt = make_checkpoint(
-        kind="pretrain",
-        method="dino",
-        student={"arch": arch, "kwargs": {}},
-        backbone=student.backbone.state_dict(),
-        head=None,
-        teacher=None,
-        normalization={"mean": MEAN, "std": STD},
-        resolution=RES,
+    save_student_checkpoint(
+        student,
+        path,
+        arch=arch,
         config={"recipe": "sslight", "data": "fashion-mnist", "epochs": 1},
         metrics={"knn_top1": 0.5},
     )
-    atomic_save(ckpt, path)
     return student.eval()
 
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from export_helpers import MEAN, RES, STD, cos, make_student, normalised, outlier_cnn
+from export_helpers import MEAN, RES, STD, cos, make_student, normalised, outlier_cnn, save_student_checkpoint
 
 from robkit.cli import main
 from robkit.export.images import load_images
-from robkit.models.checkpoint import atomic_save, make_checkpoint
 
 
 def run_litert(path, x: np.ndarray) -> np.ndarray:
@@ -44,19 +43,7 @@ def classifier(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tflite")
     student = make_student("mobilenet_v3_small")
-    ckpt = make_checkpoint(
-        kind="pretrain",
-        method="dino",
-        student={"arch": "mobilenet_v3_small", "kwargs": {}},
-        backbone=student.backbone.state_dict(),
-        head=None,
-        teacher=None,
-        normalization={"mean": MEAN, "std": STD},
-        resolution=RES,
-        config={},
-        metrics={},
-    )
-    atomic_save(ckpt, d / "ckpt.pt")
+    save_student_checkpoint(student, d / "ckpt.pt")
     torch.manual_seed(2)
     probe = LinearProbe(576, 10)
     u8, _ = load_images("fashion-mnist", "train", 64, RES, offset=9000)

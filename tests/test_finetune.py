@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from export_helpers import MEAN, RES, STD, make_student
+from export_helpers import MEAN, RES, STD, make_student, save_student_checkpoint
 
 from robkit.data.datasets import fashion_mnist, select, stratified_sample
 from robkit.evaluation.features import extract_features
 from robkit.evaluation.finetune import FinetuneProtocol, finetune, parse_fraction
 from robkit.evaluation.linear import load_probe
-from robkit.models.checkpoint import atomic_save, load_student, make_checkpoint, safe_load
+from robkit.models.checkpoint import load_student, safe_load
 from robkit.utils.errors import RecipeError, ResumeMismatch
 
 FAST = {"precision": "fp32", "progress": False, "tensorboard": False, "checkpoint_every_steps": 0}
@@ -24,21 +24,14 @@ FMNIST = list(fashion_mnist("test", limit=1).classes)
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A robkit checkpoint of a MobileNetV3-Small (BatchNorm re-estimated on Fashion-MNIST) at 32 px."""
-    student = make_student("mobilenet_v3_small")
-    ckpt = make_checkpoint(
+    return save_student_checkpoint(
+        make_student("mobilenet_v3_small"),
+        tmp_path_factory.mktemp("src") / "checkpoint.pt",
         kind="distill",
         method="rob",
-        student={"arch": "mobilenet_v3_small", "kwargs": {}},
-        backbone=student.backbone.state_dict(),
-        head=None,
         teacher={"name": "test-teacher"},
-        normalization={"mean": MEAN, "std": STD},
-        resolution=RES,
-        config={},
-        metrics={},
         seed=0,
     )
-    return atomic_save(ckpt, tmp_path_factory.mktemp("src") / "checkpoint.pt")
 
 
 def test_stratified_fraction_keeps_every_class_in_proportion():

@@ -269,7 +269,13 @@ def test_an_auto_run_resumes_with_its_stored_choice(tmp_path, monkeypatch):
     """A run whose probe chose bf16 resumes in bf16 even when a new probe would choose fp32."""
     monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(P, "probe_cpu_precision", lambda *a, **k: {"fp32": 0.02, "bf16": 0.01})
-    ov = {**E.TINY, "train": {**E.TINY["train"], "precision": "auto"}}
+    # A tiny step size: the test is about the precision a resumed run keeps, and bf16 steps of this
+    # 16 px toy at the recipe's rate can overflow on some thread schedules.
+    ov = {
+        **E.TINY,
+        "train": {**E.TINY["train"], "precision": "auto"},
+        "optim": {**E.TINY["optim"], "base_lr": 1e-5, "clip_grad": 3.0},
+    }
     E._run(tmp_path, "r", overrides=ov, engine={"max_steps": 3})
     (tmp_path / "home" / "precision.json").unlink()
     monkeypatch.setattr(P, "probe_cpu_precision", lambda *a, **k: {"fp32": 0.01, "bf16": 0.02})
