@@ -214,8 +214,9 @@ def test_auto_precision_probes_once_and_caches_the_faster(tmp_path, monkeypatch)
     before = {k: v.clone() for k, v in online.state_dict().items()}
     calls = []
 
-    def fake_probe(net, crops, batch, channels_last):
+    def fake_probe(net, crops, batch, channels_last, bf16_channels_last):
         calls.append(list(crops))
+        assert not bf16_channels_last  # a MobileNet's bf16 leg is timed as it would train
         return {"fp32": 0.02, "bf16": 0.01}
 
     monkeypatch.setattr(P, "probe_cpu_precision", fake_probe)
@@ -269,18 +270,50 @@ def test_an_auto_run_resumes_with_its_stored_choice(tmp_path, monkeypatch):
     """A run whose probe chose bf16 resumes in bf16 even when a new probe would choose fp32."""
     monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(P, "probe_cpu_precision", lambda *a, **k: {"fp32": 0.02, "bf16": 0.01})
-    # A tiny step size: the test is about the precision a resumed run keeps, and bf16 steps of this
-    # 16 px toy at the recipe's rate can overflow on some thread schedules.
-    ov = {
-        **E.TINY,
-        "train": {**E.TINY["train"], "precision": "auto"},
-        "optim": {**E.TINY["optim"], "base_lr": 1e-5, "clip_grad": 3.0},
-    }
+    ov = {**E.TINY, "train": {**E.TINY["train"], "precision": "auto"}}
     E._run(tmp_path, "r", overrides=ov, engine={"max_steps": 3})
     (tmp_path / "home" / "precision.json").unlink()
     monkeypatch.setattr(P, "probe_cpu_precision", lambda *a, **k: {"fp32": 0.01, "bf16": 0.02})
     metrics, _ = E._run(tmp_path, "r", overrides=ov, resume=True)
     assert metrics["finished"] and metrics["precision"] == "bf16"
+    assert metrics["channels_last"] is False  # a bf16 MobileNet on CPU trains contiguous
+
+
+def test_channels_last_is_refused_only_for_cpu_bf16_depthwise_networks():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    mobile, resnet = build_student("mobilenet_v3_small"), build_student("resnet18")
+    allowed, why = P.channels_last_allowed(True, "bf16", cpu, mobile)
+    assert not allowed and "depthwise" in why
+    assert P.channels_last_allowed(True, "fp32", cpu, mobile) == (True, None)
+    assert P.channels_last_allowed(True, "bf16", cuda, mobile) == (True, None)
+    assert P.channels_last_allowed(True, "bf16", cpu, resnet) == (True, None)
+    assert P.channels_last_allowed(False, "fp32", cpu, resnet) == (False, None)
+
+
+@pytest.mark.parametrize(
+    ("student", "precision", "expect"),
+    [
+        ("mobilenet_v3_small", "bf16", False),
+        ("mobilenet_v3_small", "fp32", True),
+        ("resnet18", "bf16", True),
+    ],
+)
+def test_the_trainer_trains_in_the_layout_the_rule_allows(tmp_path, monkeypatch, student, precision, expect):
+    """The online network and its EMA teacher both run in the layout the rule allows."""
+    from robkit.engine.tasks import Online
+
+    seen = []
+    features = Online.features
+
+    def spy(self, views):
+        seen.append((self.channels_last, next(self.student.parameters()).requires_grad))
+        return features(self, views)
+
+    monkeypatch.setattr(Online, "features", spy)
+    ov = {**E.TINY, "train": {**E.TINY["train"], "epochs": 1, "precision": precision}}
+    metrics, _ = E._run(tmp_path, "l", student=student, overrides=ov, engine={"max_steps": 1})
+    assert metrics["channels_last"] is expect
+    assert {flag for flag, _ in seen} == {expect} and {grad for _, grad in seen} == {True, False}
 
 
 # ------------------------------------------------------------------ devices

@@ -31,11 +31,11 @@ from robkit.data.views import MultiCropViews
 from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
 from robkit.engine.hardware import autocast_dtype, usable_cores
 from robkit.engine.optim import build_optimizer, param_groups
-from robkit.engine.precision import choose_precision
+from robkit.engine.precision import channels_last_allowed, choose_precision
 from robkit.engine.recipe import EMASpec, OptimSpec
 from robkit.engine.runlog import RunLog
 from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
-from robkit.engine.tasks import Task
+from robkit.engine.tasks import Online, Task
 from robkit.models.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.utils import distributed as dist_utils
 from robkit.utils.errors import RecipeError, ResumeMismatch, RobkitError
@@ -297,7 +297,15 @@ class Trainer:
     def _build(self) -> None:
         task, cfg = self.task, self.optim
         task.to(self.device)
-        if self.opts.channels_last and not task.student.is_vit:
+        self.channels_last, why_not = channels_last_allowed(
+            self.opts.channels_last and not task.student.is_vit, self.precision, self.device, task.online
+        )
+        if why_not:
+            log.info("%s", why_not)
+        for m in task.modules():  # the online network and its momentum copies convert their inputs
+            if isinstance(m, Online):
+                m.channels_last = self.channels_last
+        if self.channels_last:
             task.to(memory_format=torch.channels_last)
         if self.opts.compile:
             task.online.student.compile()
@@ -627,6 +635,7 @@ class Trainer:
                 # the share of the run's wall time spent waiting for the next batch
                 "data_wait_fraction": round(self.data_wait_s / max(elapsed, 1e-9), 4),
                 "precision": self.precision,
+                "channels_last": self.channels_last,
             }
             self._checkpoint(
                 epoch, 0 if finished else step_in_epoch, gstep, metrics, final=finished, at_end=True
