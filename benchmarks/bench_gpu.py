@@ -41,7 +41,7 @@ from robkit.data.datasets import ImageFolder
 from robkit.engine.build import distill, pretrain
 from robkit.engine.teacher_cache import build_cache
 from robkit.teachers.teacher import build_backbone, build_head
-from robkit.utils.machine import cpu_name
+from robkit.utils.machine import cpu_features, cpu_name
 
 VITS16 = {"type": "vit", "embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16, "mlp_ratio": 4.0}
 DINO_HEAD = {"type": "DINOHead", "nlayers": 3, "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 65536}
@@ -162,7 +162,9 @@ def run_cases(args: argparse.Namespace, work: Path, folder: Path) -> dict[str, A
     views = {"global_size_px": 32, "local_size_px": 16, "n_local": 2} if smoke else {}
     # enough epochs over the generated folder for the steps asked (the data repeats; decoding still runs)
     epochs = -(-args.steps * args.batch // args.images)
-    train = {"epochs": epochs, "batch_size": args.batch}
+    train: dict[str, Any] = {"epochs": epochs, "batch_size": args.batch}
+    if smoke:  # a check that the paths run: pinned like every engine test, since the auto choice is
+        train["precision"] = "fp32"  # timed per machine (bf16 on a batch of 4 at 16 px could overflow)
     engine = {
         "progress": not smoke,
         "tensorboard": False,
@@ -209,6 +211,7 @@ def machine() -> dict[str, Any]:
     """The machine the figures come from."""
     info: dict[str, Any] = {
         "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

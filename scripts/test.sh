@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "machine: $(.venv/bin/python -c 'from robkit.utils.machine import machine_line; print(machine_line())')"
 .venv/bin/ruff format --check robkit tests benchmarks
 .venv/bin/ruff check robkit tests benchmarks
 .venv/bin/mypy robkit
