@@ -56,6 +56,12 @@ def test_image_embedder_matches_pytorch(name, student, test_images, tmp_path):
         ref = student(normalised(test_images)).numpy()
     assert out.shape == ref.shape
     assert cos(out, ref) >= target.parity["min_cosine"]
+    # the file stores what its name says: every convolution's weights int8 in a static int8 file
+    # (the search's float layers excepted), float32 or float16 otherwise
+    weights = res.card["conversion"]["weights"]
+    stored = {"fp32": "float32", "fp16": "float16"}.get(target.precision, "int8")
+    floats = len((res.card.get("quantization") or {}).get("float_layers", []))
+    assert sum(weights.values()) >= 50 and weights.get(stored, 0) >= sum(weights.values()) - floats, weights
 
 
 def test_image_classifier_labels_and_top1(student, test_images, tmp_path):

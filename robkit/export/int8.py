@@ -56,10 +56,15 @@ def float_boundary(keep: Callable) -> Callable:
     Annotated, they make litert-torch give the file an int8 input tensor, which MediaPipe Tasks
     refuses ("Type mismatch for input tensor ...: Requested one of these types: uint8/float32, got
     INT8"); left float, the file takes float32 RGB and quantises at the student's first layer.
+    Only operations are judged by where they sit: a weight or bias is a ``get_attr`` node with no
+    module path, and refusing it would leave its whole conv pattern unannotated (float in the file).
     """
     from robkit.export.quantize import module_path
 
-    return lambda n: module_path(n).startswith(("student", "probe")) and keep(n)
+    def inside(n: torch.fx.Node) -> bool:
+        return n.op != "call_function" or module_path(n).startswith(("student", "probe"))
+
+    return lambda n: inside(n) and keep(n)
 
 
 def pt2e_static_int8(

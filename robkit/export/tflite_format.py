@@ -247,6 +247,40 @@ def op_counts(path: str | os.PathLike) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+
+
+def weight_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many convolution / fully-connected ops of a .tflite file store their weights in each type,
+    e.g. ``{"int8": 52}`` for a static int8 file, ``{"float32": 52}`` for a float one.
+    """
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAs(Path(path).read_bytes(), 0)
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
+    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+    counts: dict[str, int] = {}
+    for s in range(model.SubgraphsLength()):
+        g = model.Subgraphs(s)
+        producers = {
+            g.Operators(i).Outputs(j): i
+            for i in range(g.OperatorsLength())
+            for j in range(g.Operators(i).OutputsLength())
+        }
+        for i in range(g.OperatorsLength()):
+            op = g.Operators(i)
+            c = codes[op.OpcodeIndex()]
+            if names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode())) not in WEIGHTED_OPS:
+                continue
+            w = op.Inputs(1)
+            while w in producers:  # a weight dequantised at run time (fp16 files) counts as its stored type
+                w = g.Operators(producers[w]).Inputs(0)
+            kind = types.get(g.Tensors(w).Type(), "other")
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def embed_metadata(path: str | os.PathLike, card: dict[str, Any], labels: list[str] | None = None) -> bool:
     """Store the standard TFLite Support metadata built from ``card`` (with ``labels`` as a
     TENSOR_AXIS_LABELS associated file) and ``card`` itself as JSON in the flatbuffer's
@@ -346,6 +380,7 @@ class TFLiteBackend:
             conversion["quantizer"] = "litert-torch PT2E (static, per-channel)"
         runner = TFLiteRunner(out, threads=torch.get_num_threads())
         conversion["ops"] = op_counts(out)
+        conversion["weights"] = weight_types(out)
         conversion["input_dtype"] = str(runner.input_dtype)
         scale, zero = runner.inp.get("quantization", (0.0, 0))
         if scale:
