@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,21 +230,32 @@ class TFLiteRunner:
         return np.concatenate([self(x[i : i + 1]) for i in range(len(x))])
 
 
-def op_counts(path: str | os.PathLike) -> dict[str, int]:
-    """Builtin operator inventory of a .tflite file."""
+def _operators(path: str | os.PathLike) -> Iterator[tuple[Any, Any, str]]:
+    """``(subgraph, operator, builtin name)`` for every operator of a .tflite file, in order."""
     from ai_edge_litert import schema_py_generated as fb
 
     model = fb.Model.GetRootAs(Path(path).read_bytes(), 0)
     names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
-    counts: dict[str, int] = {}
     for s in range(model.SubgraphsLength()):
         g = model.Subgraphs(s)
         for i in range(g.OperatorsLength()):
-            c = codes[g.Operators(i).OpcodeIndex()]
-            name = names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode()), "CUSTOM")
-            counts[name] = counts.get(name, 0) + 1
+            op = g.Operators(i)
+            c = codes[op.OpcodeIndex()]
+            yield g, op, names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode()), "CUSTOM")
+
+
+def _tally(keys: Iterable[str]) -> dict[str, int]:
+    """Counts of ``keys``, most frequent first."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def op_counts(path: str | os.PathLike) -> dict[str, int]:
+    """Builtin operator inventory of a .tflite file."""
+    return _tally(name for _, _, name in _operators(path))
 
 
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
@@ -256,29 +267,22 @@ def weight_types(path: str | os.PathLike) -> dict[str, int]:
     """
     from ai_edge_litert import schema_py_generated as fb
 
-    model = fb.Model.GetRootAs(Path(path).read_bytes(), 0)
-    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     types = {v: k.lower() for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
-    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
-    counts: dict[str, int] = {}
-    for s in range(model.SubgraphsLength()):
-        g = model.Subgraphs(s)
-        producers = {
-            g.Operators(i).Outputs(j): i
-            for i in range(g.OperatorsLength())
-            for j in range(g.Operators(i).OutputsLength())
-        }
-        for i in range(g.OperatorsLength()):
-            op = g.Operators(i)
-            c = codes[op.OpcodeIndex()]
-            if names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode())) not in WEIGHTED_OPS:
-                continue
-            w = op.Inputs(1)
-            while w in producers:  # a weight dequantised at run time (fp16 files) counts as its stored type
-                w = g.Operators(producers[w]).Inputs(0)
-            kind = types.get(g.Tensors(w).Type(), "other")
-            counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    # per subgraph (kept alive, so its id stays its own): output tensor -> the op writing it
+    producers: dict[int, tuple[Any, dict[int, Any]]] = {}
+
+    def stored(g: Any, op: Any) -> str:
+        made = producers.setdefault(id(g), (g, {}))[1]
+        if not made:
+            for i in range(g.OperatorsLength()):
+                o = g.Operators(i)
+                made.update({o.Outputs(j): o for j in range(o.OutputsLength())})
+        w = op.Inputs(1)
+        while w in made:  # a weight dequantised at run time (fp16 files) counts as its stored type
+            w = made[w].Inputs(0)
+        return types.get(g.Tensors(w).Type(), "other")
+
+    return _tally(stored(g, op) for g, op, name in _operators(path) if name in WEIGHTED_OPS)
 
 
 def embed_metadata(path: str | os.PathLike, card: dict[str, Any], labels: list[str] | None = None) -> bool:
