@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,17 +246,9 @@ def _operators(path: str | os.PathLike) -> Iterator[tuple[Any, Any, str]]:
             yield g, op, names.get(max(c.BuiltinCode(), c.DeprecatedBuiltinCode()), "CUSTOM")
 
 
-def _tally(keys: Iterable[str]) -> dict[str, int]:
-    """Counts of ``keys``, most frequent first."""
-    counts: dict[str, int] = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
 def op_counts(path: str | os.PathLike) -> dict[str, int]:
     """Builtin operator inventory of a .tflite file."""
-    return _tally(name for _, _, name in _operators(path))
+    return dict(Counter(name for _, _, name in _operators(path)).most_common())
 
 
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
@@ -268,21 +261,21 @@ def weight_types(path: str | os.PathLike) -> dict[str, int]:
     from ai_edge_litert import schema_py_generated as fb
 
     types = {v: k.lower() for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
-    # per subgraph (kept alive, so its id stays its own): output tensor -> the op writing it
-    producers: dict[int, tuple[Any, dict[int, Any]]] = {}
 
     def stored(g: Any, op: Any) -> str:
-        made = producers.setdefault(id(g), (g, {}))[1]
-        if not made:
-            for i in range(g.OperatorsLength()):
-                o = g.Operators(i)
-                made.update({o.Outputs(j): o for j in range(o.OutputsLength())})
+        made = {
+            o.Outputs(j): o
+            for o in map(g.Operators, range(g.OperatorsLength()))
+            for j in range(o.OutputsLength())
+        }
         w = op.Inputs(1)
         while w in made:  # a weight dequantised at run time (fp16 files) counts as its stored type
             w = made[w].Inputs(0)
         return types.get(g.Tensors(w).Type(), "other")
 
-    return _tally(stored(g, op) for g, op, name in _operators(path) if name in WEIGHTED_OPS)
+    return dict(
+        Counter(stored(g, op) for g, op, name in _operators(path) if name in WEIGHTED_OPS).most_common()
+    )
 
 
 def embed_metadata(path: str | os.PathLike, card: dict[str, Any], labels: list[str] | None = None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -41,8 +42,6 @@ def cpu_features(cpuinfo: str | None = None) -> list[str]:
 
 def machine_line() -> str:
     """One line naming the CPU, its kernel-relevant features and the core count, for logs and reports."""
-    import os
-
     feats = cpu_features()
     return f"{cpu_name()}, {os.cpu_count()} cores, {' '.join(feats) if feats else 'no flags read'}"
 
