@@ -2,7 +2,7 @@
 headless DINOv2 backbones.
 
 ``load(name_or_path)`` returns a frozen :class:`Teacher` (or, for a backbone without a head, a
-:class:`~robkit.teachers.dinov2.BackboneTeacher`); names come from the catalog in the top-level
+:class:`~robkit.teachers.backbone.BackboneTeacher`); names come from the catalog in the top-level
 ``teachers/`` folder (``robkit teachers list``), paths may be any checkpoint in one of the official
 layouts or a robkit checkpoint.
 """
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robkit.teachers.dinov2 import BackboneTeacher
+from robkit.teachers.backbone import BackboneTeacher
 from robkit.teachers.teacher import Teacher, TeacherLoadError, TeacherOutput
 from robkit.utils.errors import RobkitError
 
@@ -80,7 +80,7 @@ def load(
     progress: bool = True,
 ) -> Teacher | BackboneTeacher:
     """A frozen teacher by catalog name or by file (a headless DINOv2 backbone gives a
-    :class:`~robkit.teachers.dinov2.BackboneTeacher`: features, no logits).
+    :class:`~robkit.teachers.backbone.BackboneTeacher`: features, no logits).
 
     ``checkpoint_key`` picks the network in a multi-network file (default: the catalog's, else
     ``teacher`` for DINO/iBOT, ``target_encoder`` for MSN).  ``arch`` / ``head`` declare

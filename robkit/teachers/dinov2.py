@@ -18,19 +18,19 @@ What the official code does and this module matches:
   and patch tokens.
 
 DINOv2 publishes no projection head or prototypes, so it cannot be a RoB teacher as is: the teacher
-gives features (:class:`BackboneTeacher`), not logits.
+gives features (:class:`~robkit.teachers.backbone.BackboneTeacher`), not logits.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robkit.teachers.backbone import BackboneTeacher
 from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 from robkit.utils.errors import RobkitError
 
@@ -262,58 +262,6 @@ def build_backbone(arch: dict[str, Any]) -> DINOv2Backbone:
         "interpolate_antialias",
     )
     return DINOv2Backbone(**{k: arch[k] for k in keys if arch.get(k) is not None})
-
-
-@dataclass
-class BackboneOutput:
-    """What a headless teacher gives: final-normed CLS ``[B, D]`` and patch tokens ``[B, N, D]``."""
-
-    features: Tensor
-    patch_features: Tensor
-
-
-class BackboneTeacher(nn.Module):
-    """A frozen backbone without a released head (DINOv2): ``forward(x) -> BackboneOutput``.
-
-    Images are normalised with the teacher's ``mean``/``std`` (ImageNet's for DINOv2) at any size that is
-    a multiple of the patch; ``resolution`` is the size the distiller feeds it (224, DINOv2's evaluation size).
-    """
-
-    def __init__(
-        self,
-        backbone: DINOv2Backbone,
-        name: str,
-        family: str,
-        arch: dict[str, Any],
-        resolution: int = 224,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        sha256: str | None = None,
-        source: str = "",
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone.eval()
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.name, self.family, self.arch = name, family, dict(arch)
-        self.resolution, self.mean, self.std = resolution, tuple(mean), tuple(std)
-        self.sha256, self.source = sha256, source
-        self.embed_dim = backbone.embed_dim
-        self.headless = True
-
-    def train(self, mode: bool = True) -> BackboneTeacher:  # noqa: ARG002 - a teacher never trains
-        """Always eval mode: the teacher is frozen."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> BackboneOutput:
-        """Normalised images ``[B, 3, H, W]`` → normed CLS and patch tokens."""
-        out = self.backbone.forward_features(x)
-        return BackboneOutput(out["x_norm_clstoken"], out["x_norm_patchtokens"])
-
-    def extra_repr(self) -> str:
-        """Name, family, width and resolution for ``repr``."""
-        return f"name={self.name!r}, family={self.family!r}, embed_dim={self.embed_dim}, resolution={self.resolution}"
 
 
 def dinov2_teacher(
