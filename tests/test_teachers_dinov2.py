@@ -1,6 +1,7 @@
 """DINOv2 backbones: the released key layout loads strictly and matches an independent forward pass
 (plain torch ops from the state-dict tensors, the official position-table resize) at 224 px and at
-another size; the catalog agrees with the loader; RoB refuses a teacher without a head, clearly.
+another size; the catalog agrees with the loader; a recipe that needs a head refuses a headless teacher, clearly
+(feature distillation from it is tests/test_feature_distill.py).
 
 Files are generated in ``tmp_path`` with tiny widths but the released names, nesting and the
 37 x 37 position table of the 518 px training resolution.
@@ -227,15 +228,16 @@ def test_missing_keys_are_named(tmp_path):
         teachers.load(str(tmp_path / "broken.pth"))
 
 
-def test_rob_refuses_a_headless_teacher_clearly_and_verify_runs_it(tmp_path):
+def test_a_head_recipe_with_a_headless_teacher_is_refused_clearly_and_verify_runs_it(tmp_path):
     from robkit.cli import main
 
     torch.save(official_state(), tmp_path / "dinov2.pth")
     runner = CliRunner()
-    r = runner.invoke(
-        main, ["distill", "--teacher", str(tmp_path / "dinov2.pth"), "--out", str(tmp_path / "run")]
-    )
-    assert r.exit_code != 0 and "without a released head" in r.output and "Traceback" not in r.output
+    args = ["distill", "--teacher", str(tmp_path / "dinov2.pth"), "--recipe", "rob-dino"]
+    r = runner.invoke(main, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "without a released head" in r.output and "rob-features" in r.output and "teacher_temp" in r.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
     v = runner.invoke(main, ["teachers", "verify", str(tmp_path / "dinov2.pth")])
     assert v.exit_code == 0, v.output
     assert "patch_features (2, 256, 128)" in v.output and "verify: OK" in v.output

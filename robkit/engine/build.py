@@ -31,7 +31,15 @@ from robkit.engine.recipe import (
     SwAVLossSpec,
     parse_recipe,
 )
-from robkit.engine.tasks import DINOTask, MoCoTask, RoBTask, SwAVTask, Task, rob_student_head
+from robkit.engine.tasks import (
+    DINOTask,
+    FeatureDistillTask,
+    MoCoTask,
+    RoBTask,
+    SwAVTask,
+    Task,
+    rob_student_head,
+)
 from robkit.engine.trainer import CheckpointMeta, Trainer, TrainOptions
 from robkit.models.checkpoint import load_student
 from robkit.models.heads import DINOHead, MLPHead, SwAVHead, build_head
@@ -144,16 +152,14 @@ HEAD_FAMILIES = {"DINOHead": "dino", "iBOTHead": "ibot", "SwAVHead": "swav", "MS
 
 
 def teacher_head_family(teacher: Any) -> str:
-    """The RoB loss family of a teacher: its own family, or for a robkit teacher its head's."""
+    """The RoB loss family of a teacher: its own family, for a robkit teacher its head's, and
+    ``features`` (feature distillation) for a backbone without a released head.
+    """
     fam = getattr(teacher, "family", "")
     if fam in ("dino", "ibot", "msn", "swav"):
         return fam
     if getattr(teacher, "headless", False):
-        raise TeacherLoadError(
-            f"teacher {getattr(teacher, 'name', '?')!r} is a backbone without a released head ({fam}): RoB distils "
-            "a head's distribution over prototypes, which this teacher does not have. Distil from a DINO, iBOT, "
-            "MSN or SwAV teacher (`robkit teachers list`); distillation from headless backbones is not built yet."
-        )
+        return "features"  # no head: feature distillation (objectives/feature.py)
     head_type = getattr(teacher, "head_type", None) or type(getattr(teacher, "head", None)).__name__
     if head_type in HEAD_FAMILIES:
         return HEAD_FAMILIES[head_type]
@@ -184,6 +190,17 @@ def build_rob_task(
             f"rob.teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, got {rob.teacher_precision!r}"
         )
     head_opts = recipe.head.options()
+    common: dict[str, Any] = {
+        "n_global": v.n_global,
+        "student_mean": mean,
+        "student_std": std,
+        "teacher_resolution": teacher_resolution(rob.teacher_resolution, v),
+        "channels_last": channels_last,
+        "teacher_precision": rob.teacher_precision,
+        "compile_teacher": rob.teacher_compile,
+    }
+    if family == "features":
+        return _feature_task(teacher, student, recipe, common)
     k = int(teacher.num_prototypes)
     head = rob_student_head(
         family, student.embed_dim, k, head_type=recipe.head.type or "teacher", **head_opts
@@ -198,17 +215,48 @@ def build_rob_task(
         loss,
         teacher,
         family,
-        n_global=v.n_global,
-        student_mean=mean,
-        student_std=std,
         mask_ratio_range=rob.mask_ratio_range,
         mask_p_zero=rob.mask_p_zero,
         patch_drop=rob.patch_drop,
-        teacher_resolution=teacher_resolution(rob.teacher_resolution, v),
-        channels_last=channels_last,
-        teacher_precision=rob.teacher_precision,
-        compile_teacher=rob.teacher_compile,
+        **common,
     )
+
+
+FEATURE_LOSS_FIELDS = {"distance", "patch_weight", "beta", "cross_view"}
+
+
+def _feature_task(teacher: Any, student: Student, recipe: Recipe, common: dict[str, Any]) -> RoBTask:
+    """Feature distillation from a headless teacher: a projector to the teacher's width and the feature loss."""
+    from robkit.objectives.rob import build_rob_loss
+
+    opts = cast(RoBLossSpec, recipe.loss).options()
+    head_fields = sorted(set(opts) - FEATURE_LOSS_FIELDS)
+    if head_fields:
+        raise RecipeError(
+            f"recipe {recipe.name!r} distils a head's distribution (it sets {', '.join(head_fields)}), but "
+            f"teacher {getattr(teacher, 'name', '?')!r} is a backbone without a released head: use "
+            "--recipe auto (rob-features), or a rob-features recipe"
+        )
+    try:
+        loss = build_rob_loss("features", n_teacher_crops=recipe.views.n_global, **opts)
+    except (TypeError, ValueError) as e:  # a RoB field the feature loss does not take, or a bad value
+        raise RecipeError(f"recipe {recipe.name!r} with a headless teacher: {e}") from None
+    head_opts = recipe.head.options()
+    unknown = sorted(set(head_opts) - {"hidden_dim"})
+    if unknown or recipe.head.type not in (None, "teacher", "projector"):
+        raise RecipeError(
+            f"recipe {recipe.name!r}: feature distillation's projector takes head.hidden_dim only "
+            f"(head.type 'projector'), got type {recipe.head.type!r} and {unknown or 'no other field'}; "
+            "use a rob-features recipe"
+        )
+    head = build_head(
+        "FeatureProjector",
+        in_dim=student.embed_dim,
+        out_dim=int(teacher.embed_dim),
+        hidden_dim=head_opts.get("hidden_dim", 2048),
+        patch=float(getattr(loss, "patch_weight", 0.0)) > 0,
+    )
+    return FeatureDistillTask(student, head, loss, teacher, **common)
 
 
 def teacher_resolution(setting: str | int | None, views: MultiCropViews) -> int | None:
@@ -343,7 +391,7 @@ def distill(
     from robkit import teachers as zoo
 
     loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher)
-    family = teacher_head_family(loaded)  # refuses a teacher without a head
+    family = teacher_head_family(loaded)  # "features" for a teacher without a head
     tch = cast(Teacher, loaded)
     ds = _dataset(data, data_limit)
     cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
@@ -366,7 +414,9 @@ def distill(
     if teacher_cache is not None:
         from robkit.engine.teacher_cache import open_cache
 
-        source = open_cache(teacher_cache, tch, cfg, ds, engine.get("seed", 0), needs_patches=task.use_masks)
+        source = open_cache(
+            teacher_cache, tch, cfg, ds, engine.get("seed", 0), needs_patches=task.needs_patch_targets
+        )
     return _fit(task, cfg, ds, data, out_dir, "distill", teacher_rec, resume, engine, source, init_rec)
 
 

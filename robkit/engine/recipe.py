@@ -88,8 +88,9 @@ class MoCoLossSpec:
 class RoBLossSpec:
     """Keywords of the RoB loss of the teacher's family (``robkit.objectives.rob.build_rob_loss``).
 
-    The four families take different keywords; unset fields keep that loss's defaults, and a field the
-    family's loss does not take is refused when the task is built.
+    The four families, and feature distillation for a headless teacher, take different keywords; unset
+    fields keep that loss's defaults, and a field the family's loss does not take is refused when the
+    task is built.
     """
 
     student_temp: float | None = None
@@ -102,6 +103,9 @@ class RoBLossSpec:
     cross_view: bool | None = None
     normalization: str | None = None
     patch_normalization: str | None = None
+    distance: str | None = None  # feature distillation (headless teachers): cosine | mse | smooth_l1
+    patch_weight: float | None = None
+    beta: float | None = None
 
     def options(self) -> dict[str, Any]:
         """The fields the recipe sets, as keyword arguments of the family's loss."""

@@ -10,7 +10,8 @@ So :func:`build_cache` can replay every step the trainer will run and store, per
 * the global crops' parameters (box, flip, colour-jitter factors/switch/order, grey-scale,
   blur sigma, solarisation): the augmentation itself, not only its seed, so the views that
   produced a target are re-rendered exactly even if the sampler's random stream changes;
-* the teacher's output in compact form, crop-major ``[n_global·B, ...]``:
+* the teacher's output in compact form, crop-major ``[n_global·B, ...]`` (a headless teacher's
+  "embedding" is its CLS token, with its patch tokens when the feature loss has a patch term):
   ``embedding`` (default): the backbone's output (what ``Teacher.head_forward`` consumes) in
   fp16, and the small frozen head runs live during distillation, so targets stay exact up to
   fp16 rounding while the expensive backbone is paid once (an idea written down in the
@@ -293,13 +294,22 @@ def build_cache(
     from robkit.models.students import STUDENTS
 
     loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher)
-    family = teacher_head_family(loaded)  # refuses a teacher without a head
+    family = teacher_head_family(loaded)  # "features" for a headless teacher
     tch = cast(Teacher, loaded)
     ds = _dataset(data, data_limit)
     cfg = resolve_run_config("rob", student, recipe, overrides, ds, family)
     form = form or CacheForm()
     if form.patches is None:
-        form = dataclasses.replace(form, patches=family == "ibot" and STUDENTS[student].kind == "vit")
+        if family == "features":  # patch tokens when the feature loss has a patch term
+            patches = float(getattr(cfg.loss, "patch_weight", None) or 0.0) > 0
+        else:  # iBOT patch logits for a masked ViT student
+            patches = family == "ibot" and STUDENTS[student].kind == "vit"
+        form = dataclasses.replace(form, patches=patches)
+    if form.form == "topk" and family == "features":
+        raise RecipeError(
+            f"teacher {getattr(tch, 'name', teacher)!r} has no head, so there are no logits to keep the top-k "
+            "of; cache its features with --form embedding"
+        )
     if form.form == "topk" and getattr(cfg.loss, "sinkhorn_iterations", None):
         raise RecipeError(
             "top-k targets cannot feed Sinkhorn-Knopp (zero columns); cache the embedding "
@@ -537,7 +547,8 @@ def open_cache(
         )
     if needs_patches and not m["form"]["patches"]:
         raise CacheMismatch(
-            f"teacher cache {root} has no iBOT patch targets, which a ViT student needs; rebuild with --patches"
+            f"teacher cache {root} holds no patch targets, which this run's loss needs (iBOT's masked-patch term "
+            "or the feature loss's patch term); rebuild it with --patches"
         )
     teacher.backbone = _DroppedBackbone()
     return CachedTargets(root, m, teacher, seed, len(ds))

@@ -313,8 +313,47 @@ class LinearProbe(nn.Module):
         return self.linear(self.bn(features))
 
 
+class FeatureProjector(nn.Module):
+    """The student's projector for feature distillation from a headless teacher.
+
+    ``forward(x [B, in_dim]) -> [B, out_dim]``: the pooled embedding through an MLP
+    ``[in_dim, hidden_dim, out_dim]`` with GELU (``hidden_dim=0``: one Linear), regressing the
+    teacher's CLS token (Proteus' token-level head). ``project_map(m [B, in_dim, h, w]) ->
+    [B, out_dim, h, w]``: one Linear applied at every location of the spatial map, the projection of
+    lightly-train's distillation v2 (``Linear(d, D)``, weights truncated-normal with std 0.02, zero bias),
+    regressing the teacher's patch tokens. Both are discarded after training: the student alone is
+    evaluated and exported.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, patch: bool = True) -> None:
+        super().__init__()
+        self.init_kwargs = _init_args(locals())
+        self.in_dim, self.out_dim = in_dim, out_dim
+        if hidden_dim:
+            self.mlp: nn.Module = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim)
+            )
+        else:
+            self.mlp = nn.Linear(in_dim, out_dim)
+        self.mlp.apply(_init_linear)
+        self.patch = nn.Linear(in_dim, out_dim) if patch else None
+        if self.patch is not None:
+            _init_linear(self.patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled student embeddings ``[B, in_dim]`` → predicted teacher CLS ``[B, out_dim]``."""
+        return self.mlp(x)
+
+    def project_map(self, m: torch.Tensor) -> torch.Tensor:
+        """A student feature map ``[B, in_dim, h, w]`` → predicted teacher patch features ``[B, out_dim, h, w]``."""
+        if self.patch is None:
+            raise ValueError("this FeatureProjector was built with patch=False (no patch term)")
+        return self.patch(m.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 HEADS: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (DINOHead, iBOTHead, SwAVHead, MLPHead, MSNHead, LinearProbe)
+    cls.__name__: cls
+    for cls in (DINOHead, iBOTHead, SwAVHead, MLPHead, MSNHead, LinearProbe, FeatureProjector)
 }
 
 

@@ -112,6 +112,28 @@ class Student(nn.Module):
         """``[B, 3, H, W] -> [B, embed_dim]``."""
         return self.backbone(x)
 
+    def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W] -> (embedding [B, embed_dim], spatial map [B, embed_dim, h, w])`` in one pass.
+
+        The embedding equals :meth:`forward`'s; the map is what it pools: the last feature map of a
+        CNN, the final-normed patch tokens of a ViT on its patch grid.
+        """
+        backbone: Any = self.backbone
+        if self.is_vit:
+            tokens = self.forward_tokens(x)
+            p = self.patch_size or 1
+            h, w = -(-x.shape[-2] // p), -(-x.shape[-1] // p)  # the ViT pads to whole patches
+            patches = tokens[:, backbone.num_prefix_tokens :]
+            return backbone.forward_head(tokens, pre_logits=True), patches.transpose(1, 2).reshape(
+                x.shape[0], -1, h, w
+            )
+        if isinstance(backbone, nn.Sequential):  # MobileNets: features -> pool -> flatten
+            m = backbone[0](x)
+            return backbone[2](backbone[1](m)), m
+        m = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))  # torchvision ResNet
+        m = backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(m))))
+        return torch.flatten(backbone.avgpool(m), 1), m
+
     def forward_tokens(
         self,
         x: torch.Tensor,

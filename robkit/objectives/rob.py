@@ -24,56 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robkit.objectives.feature import FeatureDistillLoss
 from robkit.objectives.multicrop import compute_dtype
+from robkit.objectives.pairs import _crop_layout, pair_mask
 from robkit.objectives.sinkhorn import vissl_sinkhorn_knopp
 from robkit.utils.suggest import close_matches
-
-Pair = tuple[int, int]
-
-
-def pair_mask(n_teacher: int, n_student: int, cross_view: bool = False) -> list[Pair]:
-    """The ``(teacher crop t, student crop s)`` pairs that form a loss term, teacher-major order.
-
-    Identical view (RoB, VISSL ``swapped_assignment: false``): ``s == t`` or ``s >= n_teacher``,
-    i.e. student global ``i`` is paired with teacher ``i`` only and every other student crop with
-    every teacher crop.  Cross view (original DINO/SwAV, Table 5 ablation,
-    ``swapped_assignment: true``): every ``s != t``.  With ``n_teacher == 1`` (the checked-in
-    RoB-SwAV recipe) identical view pairs *every* student crop with teacher crop 0, cross view all
-    but student crop 0 -- the same rule, as in VISSL's SwAV distillation loss.
-    """
-    if n_teacher < 1 or n_student < n_teacher:
-        raise ValueError(
-            f"pair_mask needs 1 <= n_teacher <= n_student, got n_teacher={n_teacher}, "
-            f"n_student={n_student}; the teacher sees a subset of the student's global crops"
-        )
-    if cross_view:
-        return [(t, s) for t in range(n_teacher) for s in range(n_student) if s != t]
-    return [(t, s) for t in range(n_teacher) for s in range(n_student) if s == t or s >= n_teacher]
-
-
-def _crop_layout(
-    student_rows: int, teacher_rows: int, n_teacher: int, n_student: int | None, what: str
-) -> tuple[int, int]:
-    """``(B, S)`` from the row counts of crop-major tensors, with errors a caller can act on."""
-    if n_teacher < 1 or teacher_rows % n_teacher:
-        raise ValueError(
-            f"{what}: teacher tensor has {teacher_rows} rows, not a multiple of n_teacher_crops="
-            f"{n_teacher}; pass the teacher's global crops only, crop-major [T*B, ...]"
-        )
-    batch = teacher_rows // n_teacher
-    if batch == 0 or student_rows % batch:
-        raise ValueError(
-            f"{what}: student tensor has {student_rows} rows, not a multiple of the batch size "
-            f"{batch} implied by the teacher ({teacher_rows} rows / {n_teacher} crops)"
-        )
-    n_crops = student_rows // batch
-    if n_crops < n_teacher or (n_student is not None and n_crops != n_student):
-        expected = n_student if n_student is not None else f">= {n_teacher}"
-        raise ValueError(
-            f"{what}: found {n_crops} student crops of {batch} images, expected {expected}; "
-            f"check n_teacher_crops={n_teacher} and the crop-major layout [S*B, ...]"
-        )
-    return batch, n_crops
 
 
 def _check_temperature(**temps: float) -> None:
@@ -395,11 +350,12 @@ _FAMILIES: dict[str, type[nn.Module]] = {
     "ibot": RoBiBOTLoss,
     "msn": RoBMSNLoss,
     "swav": RoBSwAVLoss,
+    "features": FeatureDistillLoss,  # a headless teacher: regress its features (objectives/feature.py)
 }
 
 
 def build_rob_loss(family: str, **kwargs: Any) -> nn.Module:
-    """The RoB loss for a teacher ``family`` (dino | ibot | msn | swav) with keyword options."""
+    """The RoB loss for a teacher ``family`` (dino | ibot | msn | swav | features) with keyword options."""
     key = family.lower()
     if key not in _FAMILIES:
         # close_matches, not did_you_mean: this message's hint reads "; did you mean 'x'?" mid-sentence.

@@ -21,10 +21,12 @@ Tensor = torch.Tensor
 
 @dataclass
 class BackboneOutput:
-    """What a headless teacher gives: final-normed CLS ``[B, D]`` and patch tokens ``[B, N, D]``."""
+    """What a headless teacher gives: final-normed CLS ``[B, D]`` and patch tokens ``[B, N, D]``
+    (``None`` when not asked for).
+    """
 
     features: Tensor
-    patch_features: Tensor
+    patch_features: Tensor | None = None
 
 
 class BackboneTeacher(nn.Module):
@@ -56,17 +58,32 @@ class BackboneTeacher(nn.Module):
         self.embed_dim = int(cast(Any, backbone).embed_dim)
         self.patch_size = getattr(backbone, "patch_size", None)
         self.headless = True
+        self.num_prototypes = 0  # no head, no prototypes
 
     def train(self, mode: bool = True) -> BackboneTeacher:  # noqa: ARG002 - a teacher never trains
         """Always eval mode: the teacher is frozen."""
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> BackboneOutput:
-        """Normalised images ``[B, 3, H, W]`` → normed CLS and patch tokens."""
+    def embed(self, x: Tensor) -> Tensor:
+        """Normalised images → CLS and patch tokens ``[B, 1 + N, D]`` (registers / storage tokens
+        dropped): what the target cache stores, and :meth:`head_forward` splits again.
+        """
         backbone: Any = self.backbone
         out = backbone.forward_features(x)
-        return BackboneOutput(out["x_norm_clstoken"], out["x_norm_patchtokens"])
+        return torch.cat([out["x_norm_clstoken"].unsqueeze(1), out["x_norm_patchtokens"]], dim=1)
+
+    def head_forward(self, embedding: Tensor) -> BackboneOutput:
+        """Targets from :meth:`embed`'s tokens ``[B, 1 + N, D]`` or a CLS-only cache ``[B, D]``."""
+        if embedding.dim() == 2:
+            return BackboneOutput(embedding, None)
+        return BackboneOutput(embedding[:, 0], embedding[:, 1:])
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, patch_features: bool = True) -> BackboneOutput:
+        """Normalised images ``[B, 3, H, W]`` → normed CLS and (``patch_features``) patch tokens."""
+        backbone: Any = self.backbone
+        out = backbone.forward_features(x)
+        return BackboneOutput(out["x_norm_clstoken"], out["x_norm_patchtokens"] if patch_features else None)
 
     def extra_repr(self) -> str:
         """Name, family, width and resolution for ``repr``."""

@@ -9,12 +9,14 @@ from robkit.engine.tasks.base import (
     size_groups,
 )
 from robkit.engine.tasks.dino import DINOTask
+from robkit.engine.tasks.features import FeatureDistillTask
 from robkit.engine.tasks.mocov2 import MoCoTask
 from robkit.engine.tasks.rob import RoBTask, rob_student_head, teacher_input
 from robkit.engine.tasks.swav import SwAVTask
 
 __all__ = [
     "DINOTask",
+    "FeatureDistillTask",
     "MoCoTask",
     "Online",
     "RoBTask",

@@ -61,11 +61,23 @@ class Online(nn.Module):
         n_global: int = 0,
         masks: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
+        spatial: bool = False,
     ) -> Any:
         """Plain multi-crop forward, or (``masks``/``keep`` given, ViT students) the first ``n_global``
-        views through ``forward_tokens`` with iBOT masks or MSN patch drop.  Everything goes through
-        this one forward so DistributedDataParallel sees every parameter use.
+        views through ``forward_tokens`` with iBOT masks or MSN patch drop, or (``spatial``) the head's
+        outputs plus its projection of the global views' spatial maps (feature distillation's patch
+        term).  Everything goes through this one forward so DistributedDataParallel sees every
+        parameter use.
         """
+        if spatial:
+            g = torch.cat(views[:n_global])
+            if self.channels_last and not self.student.is_vit:
+                g = g.contiguous(memory_format=torch.channels_last)
+            pooled_g, map_g = self.student.forward_map(g)
+            locals_ = views[n_global:]
+            feats = torch.cat([pooled_g, self.features(locals_)]) if locals_ else pooled_g
+            head: Any = self.head
+            return head(feats), head.project_map(map_g)
         if masks is None and keep is None:
             return self.head(self.features(views))
         g = torch.cat(views[:n_global])

@@ -162,7 +162,7 @@ class RoBTask(Task):
             self.frozen_teacher._apply(fn)
         return self
 
-    def teacher_targets(self, views: list[torch.Tensor]) -> TeacherOutput:
+    def teacher_targets(self, views: list[torch.Tensor]) -> Any:
         """The frozen teacher's outputs on the global views, re-normalised for it (inference mode)."""
         x = teacher_input(
             views[: self.n_global],
@@ -172,8 +172,17 @@ class RoBTask(Task):
             self.teacher_resolution,
         )
         with torch.inference_mode(), teacher_autocast(self.teacher_precision, x.device):
-            out = self._teacher_fn()(x, patch_logits=self.use_masks)
+            out = self._teacher_fn()(x, **self.teacher_options())
         return out
+
+    @property
+    def needs_patch_targets(self) -> bool:
+        """Whether the loss uses the teacher's per-patch outputs (iBOT patch logits for a masked ViT)."""
+        return self.use_masks
+
+    def teacher_options(self) -> dict[str, bool]:
+        """Keywords of the teacher's forward: iBOT patch logits only when the loss uses them."""
+        return {"patch_logits": self.use_masks}
 
     def _teacher_fn(self) -> Callable[..., TeacherOutput]:
         """The teacher's forward, compiled on first use when asked (after ``.to()`` placed it)."""

@@ -1,0 +1,134 @@
+"""Feature distillation from a headless teacher: the loss against an independent computation of its
+definition, the student's spatial map, and ``distill`` end to end from an official-layout DINOv2 file
+(online and from a target cache).
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_teachers_dinov2 as D  # tiny official-layout DINOv2 files
+import torch
+import torch.nn.functional as F
+
+import robkit.teachers as teachers
+from robkit.engine.build import distill, teacher_head_family
+from robkit.engine.teacher_cache import build_cache
+from robkit.models.checkpoint import load_student, safe_load
+from robkit.models.students import build_student
+from robkit.objectives.feature import FeatureDistillLoss, feature_distance
+
+TINY = {
+    "views": {"n_local": 2, "global_size_px": 32, "local_size_px": 16},
+    "train": {"epochs": 1, "batch_size": 16, "precision": "fp32"},
+    "optim": {"warmup_epochs": 0},
+    "rob": {"teacher_resolution": 56},
+}
+ENGINE = {"progress": False, "tensorboard": False, "checkpoint_every_steps": 0, "precise_bn_images": 64}
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ROBKIT_OFFLINE", "1")
+
+
+def _reference(s, t, sp, tp, n_t, dist, pw, beta):
+    """The loss written out: RoB's identical-view pairs, mean over pairs, plus the weighted patch term."""
+    b = t.shape[0] // n_t
+    n_s = s.shape[0] // b
+
+    def d(a, c):
+        if dist == "cosine":
+            return 1 - (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1))
+        if dist == "mse":
+            return ((a - c) ** 2).mean(-1)
+        return F.smooth_l1_loss(a, c, beta=beta, reduction="none").mean(-1)
+
+    terms = [
+        d(s[j * b : (j + 1) * b], t[i * b : (i + 1) * b]).mean()
+        for i in range(n_t)
+        for j in range(n_s)
+        if j == i or j >= n_t
+    ]
+    loss = sum(terms) / len(terms)
+    return loss + pw * d(sp, tp).mean() if pw else loss
+
+
+@pytest.mark.parametrize("dist", ["cosine", "mse", "smooth_l1"])
+@pytest.mark.parametrize("n_t,n_s,pw", [(2, 6, 0.0), (2, 2, 1.0), (1, 4, 0.5)])
+def test_loss_equals_its_definition(dist, n_t, n_s, pw):
+    g = torch.Generator().manual_seed(0)
+    b, dim, n = 3, 8, 4
+    s, t = torch.randn(n_s * b, dim, generator=g), torch.randn(n_t * b, dim, generator=g)
+    sp, tp = torch.randn(n_t * b, n, dim, generator=g), torch.randn(n_t * b, n, dim, generator=g)
+    loss, parts = FeatureDistillLoss(n_t, dist, pw, beta=0.5)(s, t, sp, tp)
+    torch.testing.assert_close(loss, _reference(s, t, sp, tp, n_t, dist, pw, 0.5))
+    assert ("patch" in parts) == (pw > 0)
+    # the student that equals the teacher on every pair has zero loss (cosine: any positive scale)
+    same = torch.cat([t, t[:b].repeat(n_s - n_t, 1)]) if n_t == 1 else None
+    if same is not None and dist == "cosine" and pw == 0:
+        assert FeatureDistillLoss(n_t, dist)(same * 3.0, t)[0].abs() < 1e-6
+    assert feature_distance(t, t, dist).abs().max() < 1e-6
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown feature distance 'l2'"):
+        FeatureDistillLoss(distance="l2")
+    with pytest.raises(ValueError, match="patch_weight"):
+        FeatureDistillLoss(patch_weight=-1)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18", "vit_tiny"])
+def test_forward_map_pools_to_the_embedding(arch):
+    net = build_student(arch).eval()
+    x = torch.randn(2, 3, 64, 48)
+    emb, m = net.forward_map(x)
+    torch.testing.assert_close(emb, net(x))
+    assert m.shape[:2] == (2, net.embed_dim) and m.dim() == 4
+
+
+@pytest.mark.parametrize("student,patch_weight", [("mobilenet_v3_small", 0.0), ("vit_tiny", 1.0)])
+def test_distill_from_a_headless_dinov2_file(tmp_path, student, patch_weight):
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(D.official_state(), path)
+    t = teachers.load(str(path))
+    assert teacher_head_family(t) == "features"
+    metrics, run = distill(
+        str(path),
+        student=student,
+        data="fashion-mnist",
+        data_limit=32,
+        out=tmp_path / "run",
+        overrides={**TINY, "loss": {"patch_weight": patch_weight}},
+        **ENGINE,
+    )
+    assert metrics["finished"] and torch.isfinite(torch.tensor(metrics["loss"]))
+    ckpt = safe_load(run / "checkpoint.pt")
+    assert ckpt["method"] == "rob-features" and ckpt["config"]["name"] == "rob-features-small"
+    assert ckpt["teacher"]["family"] == "features" and len(ckpt["teacher"]["sha256"]) == 64
+    head = ckpt["head"]
+    assert head["type"] == "FeatureProjector" and head["kwargs"]["out_dim"] == D.DIM
+    assert head["kwargs"]["patch"] == (patch_weight > 0)
+    # the teacher is never stored
+    assert all(k.startswith(("online.", "loss.")) for k in ckpt["train_state"]["task"])
+    net, _ = load_student(run / "checkpoint.pt")
+    assert net(torch.randn(2, 3, 32, 32)).shape[1] == build_student(student).embed_dim
+
+
+def test_cached_targets_give_the_online_run_for_a_headless_teacher(tmp_path):
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(D.official_state(), path)
+    ov = {**TINY, "train": {**TINY["train"], "precision": "fp32"}}
+    common = {"student": "mobilenet_v3_small", "data": "fashion-mnist", "data_limit": 32, "overrides": ov}
+    summary = build_cache(str(path), tmp_path / "cache", epochs=1, progress=False, device="cpu", **common)
+    assert summary["complete"]
+    with pytest.raises(Exception, match="no head"):
+        from robkit.engine.teacher_cache import CacheForm
+
+        build_cache(str(path), tmp_path / "c2", epochs=1, progress=False, form=CacheForm("topk"), **common)
+    online, _ = distill(str(path), out=tmp_path / "online", **common, **ENGINE)
+    cached, _ = distill(
+        str(path), out=tmp_path / "cached", teacher_cache=tmp_path / "cache", **common, **ENGINE
+    )
+    # fp16 storage of the targets: the same losses to fp16 rounding
+    assert abs(online["loss"] - cached["loss"]) < 1e-2, (online["loss"], cached["loss"])
