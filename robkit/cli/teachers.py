@@ -16,7 +16,9 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 @click.group("teachers")
 def teachers() -> None:
-    """The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads, DINOv2 backbones."""
+    """The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads, DINOv2 and DINOv3
+    backbones.
+    """
 
 
 @teachers.command("list")
@@ -63,7 +65,7 @@ def info_cmd(name: str) -> None:
 
     from robkit.catalog import CatalogError
     from robkit.teachers import catalog
-    from robkit.teachers.download import cached_file, expected_sha256, teachers_dir
+    from robkit.teachers.download import cached_file, expected_sha256, is_file_only, obtain_hint, teachers_dir
 
     try:
         r = catalog().get(name)
@@ -73,7 +75,13 @@ def info_cmd(name: str) -> None:
     f = cached_file(r)
     sha, where = expected_sha256(r)
     click.echo(f"catalog file: {r.source}")
-    click.echo(f"cached: {f if f else 'no (will download to ' + str(teachers_dir() / r['file_name']) + ')'}")
+    if f is None and is_file_only(r):
+        click.echo("cached: no; robkit cannot download this file (released behind a licence form)")
+        click.echo(f"to use it: {obtain_hint(r)}")
+    else:
+        click.echo(
+            f"cached: {f if f else 'no (will download to ' + str(teachers_dir() / r['file_name']) + ')'}"
+        )
     click.echo(f"expected sha256: {sha or 'unknown'} ({where})")
 
 

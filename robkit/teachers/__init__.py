@@ -1,5 +1,5 @@
 """The teacher zoo: official DINO, iBOT, MSN and SwAV checkpoints with their heads, and the
-headless DINOv2 backbones.
+headless DINOv2 and DINOv3 backbones.
 
 ``load(name_or_path)`` returns a frozen :class:`Teacher` (or, for a backbone without a head, a
 :class:`~robkit.teachers.backbone.BackboneTeacher`); names come from the catalog in the top-level
@@ -122,6 +122,22 @@ def load(
             name,
             declared={**_declared(record, "arch"), **(arch or {})},
             meta={"resolution": record.get("resolution") if record is not None else None, **norm},
+            sha256=digest,
+            source=str(path),
+        )
+    elif family == "dinov3":
+        from robkit.teachers.dinov3 import dinov3_teacher
+
+        norm = (record.get("normalization") or {}) if record is not None else {}
+        teacher = dinov3_teacher(
+            obj.get("state_dict", obj),
+            name,
+            declared={**_declared(record, "arch"), **(arch or {})},
+            meta={
+                "resolution": record.get("resolution") if record is not None else None,
+                "sha256_prefix": record.get("sha256_prefix") if record is not None else None,
+                **norm,
+            },
             sha256=digest,
             source=str(path),
         )

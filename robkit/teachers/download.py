@@ -3,6 +3,8 @@
 Order (``resolve``): ``$ROBKIT_HOME/teachers/<file_name>`` (``ROBKIT_HOME`` defaults to
 ``~/.cache/robkit``), then ``torch.hub.get_dir()/checkpoints/<hub_file_name>`` (the name the
 official hub code / ``load_state_dict_from_url`` gives the file), then a download of ``url``.
+A record with ``file_only: true`` (or no ``url``: a release behind a licence form, e.g. DINOv3) is
+never downloaded: the error says where to request the file (``get_from``) and where to put it.
 
 Downloads go to ``<file_name>.part`` next to the target, resume with an HTTP ``Range`` request
 when a partial file is there, are checked against the expected sha256, and are moved into
@@ -207,6 +209,40 @@ def cache_status(record: Any) -> str:
     return "hub" if f.parent == hub_checkpoints_dir() else "yes"
 
 
+def is_file_only(record: Any) -> bool:
+    """Whether the teacher's file cannot be downloaded by robkit (``file_only: true`` or no ``url``):
+    a release behind a licence form, whose links are sent to each requester.
+    """
+    return bool(record.get("file_only")) or not record.get("url")
+
+
+def placement(record: Any) -> str:
+    """Where a teacher's file must be put for robkit to find it: its robkit cache path, and torch.hub's."""
+    own = teachers_dir() / record["file_name"]
+    hub = f" or {hub_checkpoints_dir() / record['hub_file_name']}" if record.get("hub_file_name") else ""
+    return f"{own}{hub}"
+
+
+def obtain_hint(record: Any) -> str:
+    """How to get a file-only teacher: the official request page, and where to put the file."""
+    where = record.get("get_from") or record.get("source_repo") or "the project's release page"
+    return (
+        f"request access at {where} (the licence form sends the download links by e-mail), download "
+        f"{record['file_name']} and put it at {placement(record)}; or set ROBKIT_HOME to a folder that "
+        "holds teachers/<file>, or load the file by its path"
+    )
+
+
+def _file_only_error(record: Any) -> DownloadError:
+    return DownloadError(
+        f"teacher {record.name!r} is not cached and robkit cannot download it: its weights are released "
+        "only to those who accept the licence.\n"
+        f"  file:   {record['file_name']}\n"
+        f"  folder: {teachers_dir()}\n"
+        f"To use it, {obtain_hint(record)}."
+    )
+
+
 def _offline_error(record: Any, reason: str) -> DownloadError:
     folder = teachers_dir()
     hub = f" (or {hub_checkpoints_dir() / record['hub_file_name']})" if record.get("hub_file_name") else ""
@@ -225,6 +261,8 @@ def resolve(record: Any, download: bool = True, progress: bool = True) -> Path:
     found = cached_file(record)
     if found is not None:
         return found
+    if is_file_only(record):  # never a network request for a gated release
+        raise _file_only_error(record)
     if not download or offline():
         raise _offline_error(record, "downloads disabled" if not download else "ROBKIT_OFFLINE is set")
     dest = child_path(

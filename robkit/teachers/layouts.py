@@ -30,7 +30,7 @@ from robkit.utils.errors import RobkitError
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
-FAMILIES = ("dino", "ibot", "msn", "swav", "dinov2", "robkit")
+FAMILIES = ("dino", "ibot", "msn", "swav", "dinov2", "dinov3", "robkit")
 
 
 class LayoutError(RobkitError, ValueError):
@@ -365,7 +365,7 @@ def _from_swav(sd: StateDict, wrapped: bool) -> TeacherSpec:
 
 
 def detect_family(obj: Any) -> str:
-    """``'dino' | 'ibot' | 'msn' | 'swav' | 'dinov2' | 'robkit'`` from the contents of a loaded checkpoint."""
+    """``'dino' | 'ibot' | 'msn' | 'swav' | 'dinov2' | 'dinov3' | 'robkit'`` from the contents of a loaded checkpoint."""
     from robkit.models.checkpoint import is_robkit_checkpoint
 
     if is_robkit_checkpoint(obj):
@@ -387,6 +387,10 @@ def detect_family(obj: Any) -> str:
 
         if is_dinov2_state(sd):  # a headless DINOv2 backbone (robkit.teachers.dinov2)
             return "dinov2"
+        from robkit.teachers.dinov3 import is_dinov3_state
+
+        if is_dinov3_state(sd):  # a headless DINOv3 ViT or ConvNeXt (robkit.teachers.dinov3)
+            return "dinov3"
         keys = {k.removeprefix("module.") for k in sd}
         if any(k.startswith("prototypes.") for k in keys) or any(
             k.startswith("projection_head.") for k in keys
@@ -421,6 +425,8 @@ def parse_checkpoint(obj: Any, checkpoint_key: str | None = None) -> TeacherSpec
         raise LayoutError("robkit checkpoints are read by robkit.models.checkpoint.load_student")
     if family == "dinov2":
         raise LayoutError("DINOv2 backbones have no head; robkit.teachers.dinov2 builds them")
+    if family == "dinov3":
+        raise LayoutError("DINOv3 backbones have no head; robkit.teachers.dinov3 builds them")
     if family in ("dino", "ibot"):
         entry = obj if "teacher" in obj else {"teacher": obj.get("state_dict", obj)}
         return _from_multicrop(entry, family, checkpoint_key or "teacher", _namespace_dict(obj.get("args")))
