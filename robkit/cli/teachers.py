@@ -104,9 +104,16 @@ def fetch_cmd(name: str) -> None:
 
 @teachers.command("verify")
 @click.argument("name_or_path")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The weights for a catalog name or for timm:ARCH / torchvision:ARCH.",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch", default=2, show_default=True, help="images in the test forward pass")
-def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
+def verify_cmd(name_or_path: str, file: str | None, device: str, batch: int) -> None:
     """Check sha256, load, and run one forward pass on a random normalised image."""
     import torch
 
@@ -118,7 +125,7 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
     from robkit.teachers.teacher import TeacherLoadError
 
     try:
-        path, record = resolve_file(name_or_path)
+        path, record = resolve_file(name_or_path, file=file)
         digest = sha256_file(path)
         if record is not None:
             expected, where = expected_sha256(record)
@@ -131,7 +138,7 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
             status = "not a catalog teacher (nothing to compare)"
         click.echo(f"file:    {path}\nsha256:  {digest}  {status}")
         t0 = time.perf_counter()
-        teacher = load(name_or_path, device=device)
+        teacher = load(name_or_path, device=device, file=file)
         t_load = time.perf_counter() - t0
     except (
         CatalogError,
@@ -189,7 +196,17 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
 
 
 @teachers.command("cache")
-@click.option("--teacher", required=True, help="Zoo name, official checkpoint file or robkit checkpoint.")
+@click.option(
+    "--teacher",
+    required=True,
+    help="Zoo name, official checkpoint file, robkit checkpoint, or timm:ARCH / torchvision:ARCH.",
+)
+@click.option(
+    "--teacher-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The weights for a catalog name or for timm:ARCH / torchvision:ARCH.",
+)
 @click.option("--data", default="fashion-mnist", show_default=True, help="Data set, as for robkit distill.")
 @click.option("--epochs", type=int, required=True, help="Epochs of targets to store (distill may use fewer).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Cache folder.")
@@ -221,6 +238,7 @@ def verify_cmd(name_or_path: str, device: str, batch: int) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def cache_cmd(
     teacher: str,
+    teacher_file: str | None,
     data: str,
     epochs: int,
     out: str,
@@ -265,6 +283,7 @@ def cache_cmd(
             device=device,
             progress=not quiet,
             max_shards=max_shards,
+            teacher_file=teacher_file,
             echo=click.echo,
         )
     except (CatalogError, ValueError, FileNotFoundError) as e:
@@ -280,6 +299,8 @@ def cache_cmd(
     ]
     same += [("--batch-size", batch_size), ("--data-limit", data_limit)] + [("--set", s) for s in sets]
     click.echo(
-        f"next: robkit distill --teacher {teacher} --teacher-cache {out} --data {data} --epochs {epochs}"
+        f"next: robkit distill --teacher {teacher}"
+        + (f" --teacher-file {teacher_file}" if teacher_file else "")
+        + f" --teacher-cache {out} --data {data} --epochs {epochs}"
         + "".join(f" {o} {v}" for o, v in same if v is not None)
     )

@@ -231,7 +231,8 @@ def pretrain(method: str, student: str, recipe: str, **opts: Any) -> None:
 @click.option(
     "--teacher",
     required=True,
-    help="Zoo name (robkit teachers list), an official checkpoint file, or a robkit checkpoint.",
+    help="Zoo name (robkit teachers list), an official checkpoint file, a robkit checkpoint, or "
+    "timm:ARCH / torchvision:ARCH with --teacher-file.",
 )
 @_student_option
 @click.option(
@@ -241,6 +242,13 @@ def pretrain(method: str, student: str, recipe: str, **opts: Any) -> None:
     help="'auto' picks rob-<teacher family> (its -small variant on small images), or a recipe name.",
 )
 @click.option(
+    "--teacher-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The weights for a catalog name (e.g. a gated DINOv3 file) or for timm:ARCH / torchvision:ARCH "
+    "(any backbone as a headless teacher).",
+)
+@click.option(
     "--teacher-cache",
     type=click.Path(file_okay=False, exists=True),
     default=None,
@@ -248,11 +256,23 @@ def pretrain(method: str, student: str, recipe: str, **opts: Any) -> None:
     "global views and runs only the teacher's head.",
 )
 @_engine_options
-def distill(teacher: str, student: str, recipe: str, teacher_cache: str | None, **opts: Any) -> None:
-    """RoB distillation: a frozen self-supervised teacher replaces one branch."""
+def distill(
+    teacher: str, student: str, recipe: str, teacher_file: str | None, teacher_cache: str | None, **opts: Any
+) -> None:
+    """RoB distillation: a frozen self-supervised teacher replaces one branch (a teacher without a
+    released head, such as DINOv2, is feature-distilled).
+    """
     from robkit.engine.build import distill as run
 
-    _launch(run, opts, teacher=teacher, student=student, recipe=recipe, teacher_cache=teacher_cache)
+    _launch(
+        run,
+        opts,
+        teacher=teacher,
+        student=student,
+        recipe=recipe,
+        teacher_cache=teacher_cache,
+        teacher_file=teacher_file,
+    )
 
 
 @click.group()

@@ -380,9 +380,11 @@ def distill(
     teacher_obj: Teacher | None = None,
     teacher_cache: str | Path | None = None,
     init: str | Path | None = None,
+    teacher_file: str | Path | None = None,
     **engine: Any,
 ) -> tuple[dict[str, Any], Path]:
-    """RoB distillation from a frozen teacher (zoo name, teacher file or robkit checkpoint).
+    """RoB distillation from a frozen teacher (zoo name, teacher file, robkit checkpoint, or
+    ``timm:ARCH`` / ``torchvision:ARCH`` with ``teacher_file``; a headless teacher is feature-distilled).
 
     ``teacher_cache``: a folder built by ``robkit teachers cache`` for the same teacher, recipe,
     data and seed; its global views are replayed and only the teacher's head runs. ``init``: a robkit
@@ -390,7 +392,7 @@ def distill(
     """
     from robkit import teachers as zoo
 
-    loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher)
+    loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher, file=teacher_file)
     family = teacher_head_family(loaded)  # "features" for a teacher without a head
     tch = cast(Teacher, loaded)
     ds = _dataset(data, data_limit)

@@ -270,6 +270,7 @@ def build_cache(
     progress: bool = True,
     max_shards: int | None = None,
     teacher_obj: nn.Module | None = None,
+    teacher_file: str | Path | None = None,
     echo: Echo = log.info,
 ) -> dict[str, Any]:
     """Compute and store the teacher targets of ``epochs`` epochs of ``robkit distill`` with the same
@@ -293,7 +294,7 @@ def build_cache(
     from robkit.engine.trainer import step_generator
     from robkit.models.students import STUDENTS
 
-    loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher)
+    loaded = teacher_obj if teacher_obj is not None else zoo.load(teacher, file=teacher_file)
     family = teacher_head_family(loaded)  # "features" for a headless teacher
     tch = cast(Teacher, loaded)
     ds = _dataset(data, data_limit)

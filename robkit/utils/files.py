@@ -140,13 +140,36 @@ def _looks_like_torch_file(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header (``{``)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict (tensors only: the format cannot hold code)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:  # pragma: no cover - safetensors comes with timm
+        raise CheckpointError(f"{path} is a safetensors file: `pip install safetensors` to read it") from e
+    try:
+        return load_file(str(path), device=str(map_location))
+    except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
+        raise CheckpointError(f"could not read safetensors file {path}: {e}. Is the file complete?") from e
+
+
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a PyTorch file without executing code from it (``weights_only=True`` + an allow-list)."""
+    """Load a PyTorch file without executing code from it (``weights_only=True`` + an allow-list), or a
+    safetensors file (timm and Hugging Face releases) as a state dict.
+    """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pt/.pth file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if _looks_like_safetensors(path):
+        return _load_safetensors(path, map_location)
     if not _looks_like_torch_file(path):
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
