@@ -9,6 +9,8 @@ The rows of BENCHMARKS.md "Choosing the short-budget settings" came from it, e.g
     python benchmarks/tune_short_budget.py --tag I1 --bs 64 --steps 400 --set optim.freeze_last_layer_epochs=0 \
         --set ema.momentum=0.99 --set optim.name=adamw --set optim.base_lr=0.002 --set optim.min_lr=0.00001 \
         --set optim.weight_decay=0.04 --set optim.weight_decay_end=0.04
+    python benchmarks/tune_short_budget.py --tag F1 --method rob --teacher torchvision:resnet18 \
+        --teacher-file OUT/resnet18_headless.pth --teacher-inputs-from OUT/teacher/checkpoint.pt --bs 64 --steps 160
     python benchmarks/tune_short_budget.py --tag J1 --method rob --student mobilenet_v3_small --bs 64 --steps 300 \
         --teacher OUT/I1/checkpoint.pt --set optim.base_lr=0.004 --set optim.weight_decay_end=0.04 \
         --set optim.warmup_epochs=0.1
@@ -42,6 +44,12 @@ ap.add_argument("--recipe", default="sslight")
 ap.add_argument("--steps", type=int, default=40)
 ap.add_argument("--epochs", type=int, default=1)
 ap.add_argument("--teacher", default=None)
+ap.add_argument("--teacher-file", default=None, help="weights for --teacher timm:ARCH / torchvision:ARCH")
+ap.add_argument(
+    "--teacher-inputs-from",
+    default=None,
+    help="a robkit checkpoint whose resolution and normalisation the teacher gets",
+)
 ap.add_argument("--set", action="append", default=[])
 ap.add_argument("--tag", default="run")
 ap.add_argument("--out", default="benchmarks/results/tune")
@@ -83,7 +91,10 @@ t0 = time.time()
 if a.method == "rob":
     from robkit import teachers as zoo
 
-    tch = zoo.load(a.teacher)
+    tch = zoo.load(a.teacher, file=a.teacher_file)
+    if a.teacher_inputs_from:  # e.g. a headless copy of a robkit teacher: the same inputs as the original
+        like = zoo.load(a.teacher_inputs_from)
+        tch.resolution, tch.mean, tch.std = like.resolution, like.mean, like.std
     fam = B.teacher_head_family(tch)
     cfg = B.resolve_config("rob", a.student, f"rob-{fam}", ov, True)
     torch.manual_seed(0)

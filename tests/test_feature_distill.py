@@ -71,6 +71,24 @@ def test_loss_equals_its_definition(dist, n_t, n_s, pw):
     assert feature_distance(t, t, dist).abs().max() < 1e-6
 
 
+def test_centering_uses_the_center_from_before_the_call_and_updates_it_by_ema():
+    g = torch.Generator().manual_seed(1)
+    b, dim, n_t, n_s, m = 4, 6, 2, 4, 0.8
+    loss_fn = FeatureDistillLoss(n_t, "cosine", center_momentum=m, dim=dim)
+    center = torch.zeros(1, dim)
+    for _ in range(3):
+        s, t = torch.randn(n_s * b, dim, generator=g), torch.randn(n_t * b, dim, generator=g) + 2.0
+        loss, _ = loss_fn(s, t)
+        torch.testing.assert_close(loss, _reference(s, t - center, None, None, n_t, "cosine", 0.0, 1.0))
+        center = m * center + (1 - m) * t.mean(0, keepdim=True)
+        torch.testing.assert_close(loss_fn.center, center)
+    assert "center" in loss_fn.state_dict()  # resumed exactly with the run
+    with pytest.raises(ValueError, match="dim=D"):
+        FeatureDistillLoss(center_momentum=0.9)
+    with pytest.raises(ValueError, match="center_momentum"):
+        FeatureDistillLoss(center_momentum=1.0, dim=4)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="unknown feature distance 'l2'"):
         FeatureDistillLoss(distance="l2")
@@ -132,3 +150,34 @@ def test_cached_targets_give_the_online_run_for_a_headless_teacher(tmp_path):
     )
     # fp16 storage of the targets: the same losses to fp16 rounding
     assert abs(online["loss"] - cached["loss"]) < 1e-2, (online["loss"], cached["loss"])
+
+
+def test_the_readme_headline_runs_with_dinov2_vits14_once_the_file_is_cached(tmp_path):
+    """``robkit distill --teacher dinov2_vits14 --student mobilenet_v3 --data /path/to/images``: a
+    full-size ViT-S/14 file in the released layout (random weights) under the cache's file name.
+    """
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from robkit.cli import main
+    from robkit.teachers.dinov2 import build_backbone
+
+    record = teachers.catalog().get("dinov2_vits14")
+    net = build_backbone(record["arch"])
+    cache = tmp_path / "home" / "teachers"
+    cache.mkdir(parents=True)
+    torch.save(net.state_dict(), cache / record["file_name"])
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(images / f"{i}.png")
+    args = ["distill", "--teacher", "dinov2_vits14", "--student", "mobilenet_v3", "--data", str(images)]
+    tiny = ["--batch-size", "4", "--max-steps", "1", "--precision", "fp32", "--no-eval", "--quiet"]
+    sets = ["--set", "rob.teacher_resolution=28", "--set", "views.n_local=2"]
+    r = CliRunner().invoke(main, [*args, *tiny, *sets, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    ckpt = safe_load(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["teacher"]["name"] == "dinov2_vits14" and ckpt["method"] == "rob-features"
+    assert ckpt["head"]["kwargs"]["out_dim"] == 384

@@ -115,3 +115,12 @@ def test_a_loss_field_the_teachers_family_does_not_take_is_a_recipe_error(tmp_pa
     cfg = resolve_config("rob", "mobilenet_v3_small", "rob-dino", {"loss": {"lambda1": 0.5}}, True)
     with pytest.raises(RecipeError, match="lambda1"):
         build_rob_task(t, "dino", build_student("mobilenet_v3_small"), cfg, channels_last=False)
+
+
+def test_overrides_read_exponent_floats_as_numbers():
+    from robkit.engine.config import parse_overrides
+
+    ov = parse_overrides(["optim.base_lr=4e-3", "optim.min_lr=1.0e-6", "views.n_local=4", "ema.name=cosine"])
+    assert ov["optim"] == {"base_lr": 0.004, "min_lr": 1e-6}
+    assert ov["views"]["n_local"] == 4 and isinstance(ov["views"]["n_local"], int)
+    assert ov["ema"]["name"] == "cosine"

@@ -222,7 +222,7 @@ def build_rob_task(
     )
 
 
-FEATURE_LOSS_FIELDS = {"distance", "patch_weight", "beta", "cross_view"}
+FEATURE_LOSS_FIELDS = {"distance", "patch_weight", "beta", "cross_view", "center_momentum"}
 
 
 def _feature_task(teacher: Any, student: Student, recipe: Recipe, common: dict[str, Any]) -> RoBTask:
@@ -238,7 +238,9 @@ def _feature_task(teacher: Any, student: Student, recipe: Recipe, common: dict[s
             "--recipe auto (rob-features), or a rob-features recipe"
         )
     try:
-        loss = build_rob_loss("features", n_teacher_crops=recipe.views.n_global, **opts)
+        loss = build_rob_loss(
+            "features", n_teacher_crops=recipe.views.n_global, dim=int(teacher.embed_dim), **opts
+        )
     except (TypeError, ValueError) as e:  # a RoB field the feature loss does not take, or a bad value
         raise RecipeError(f"recipe {recipe.name!r} with a headless teacher: {e}") from None
     head_opts = recipe.head.options()

@@ -106,6 +106,7 @@ class RoBLossSpec:
     distance: str | None = None  # feature distillation (headless teachers): cosine | mse | smooth_l1
     patch_weight: float | None = None
     beta: float | None = None
+    center_momentum: float | None = None  # feature distillation: EMA centering of the teacher's CLS
 
     def options(self) -> dict[str, Any]:
         """The fields the recipe sets, as keyword arguments of the family's loss."""

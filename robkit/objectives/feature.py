@@ -21,14 +21,15 @@ Where we differ from the published recipes, and why:
 * lightly-train concatenates the last two blocks' outputs and uses one view with mixup; we regress
   the last block's normed output (what the hub models return) on RoB's identical multi-crop views.
 * Proteus also masks student patches (iBOT-style) and adds a feature-level term; not built.
-
-Batch layout as in :mod:`robkit.objectives.rob`: crop-major tensors, row ``r`` = crop ``r // B`` of
-image ``r % B``; the teacher holds the ``T`` global crops, the student ``S >= T`` crops.
+* ``center_momentum`` (off by default): the teacher's CLS features minus an EMA of their batch
+  mean, DINO's centering applied to features, for teachers whose features share a large common
+  direction (a CNN's pooled post-ReLU output). Measured on held-out images it did not help a
+  ResNet-18 teacher (BENCHMARKS.md), so no recipe turns it on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from robkit.objectives.multicrop import compute_dtype
 from robkit.objectives.pairs import _crop_layout, pair_mask
+from robkit.utils import distributed as dist_utils
 
 DISTANCES = ("cosine", "mse", "smooth_l1")
 
@@ -63,6 +65,8 @@ class FeatureDistillLoss(nn.Module):
     patch tokens of the ``T`` global crops, each against its own teacher crop.
     """
 
+    center: Tensor
+
     def __init__(
         self,
         n_teacher_crops: int = 2,
@@ -70,6 +74,8 @@ class FeatureDistillLoss(nn.Module):
         patch_weight: float = 0.0,
         beta: float = 1.0,
         cross_view: bool = False,
+        center_momentum: float | None = None,
+        dim: int | None = None,
     ) -> None:
         super().__init__()
         if distance not in DISTANCES:
@@ -80,6 +86,13 @@ class FeatureDistillLoss(nn.Module):
             raise ValueError(f"beta (smooth-L1 threshold) must be > 0, got {beta}")
         self.n_teacher_crops, self.distance, self.beta = n_teacher_crops, distance, beta
         self.patch_weight, self.cross_view = float(patch_weight), cross_view
+        self.center_momentum = center_momentum
+        if center_momentum is not None:
+            if not 0 <= center_momentum < 1:
+                raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
+            if not dim:
+                raise ValueError("centering the teacher features needs their width: dim=D")
+            self.register_buffer("center", torch.zeros(1, int(dim)))
 
     def forward(
         self,
@@ -93,6 +106,10 @@ class FeatureDistillLoss(nn.Module):
             student.shape[0], teacher.shape[0], self.n_teacher_crops, None, "FeatureDistillLoss"
         )
         s, t = compute_dtype(student), compute_dtype(teacher).to(compute_dtype(student).dtype)
+        if self.center_momentum is not None:  # DINO's centering, on features: the center from before the call
+            raw = t
+            t = t - self.center.to(t.dtype)
+            self.update_center(raw)
         terms = []
         for ti, si in pair_mask(self.n_teacher_crops, n_student, self.cross_view):
             pred, target = s[si * batch : (si + 1) * batch], t[ti * batch : (ti + 1) * batch]
@@ -115,3 +132,12 @@ class FeatureDistillLoss(nn.Module):
         patch_term = feature_distance(sp, teacher_patches.to(sp.dtype), self.distance, self.beta).mean()
         parts["patch"] = patch_term.detach()
         return cls_term + self.patch_weight * patch_term, parts
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        """EMA of the batch mean of the teacher's CLS features, the mean taken over all processes."""
+        m = cast(float, self.center_momentum)
+        batch = torch.sum(teacher.detach().float(), dim=0, keepdim=True)
+        dist_utils.all_reduce_sum(batch)
+        batch = batch / (teacher.shape[0] * dist_utils.world_size())
+        self.center.mul_(m).add_(batch.to(self.center.dtype), alpha=1 - m)
