@@ -95,20 +95,9 @@ def litert_qat_config() -> Any:
 
 def litert_qat_quantizer(keep: Callable | None = None) -> Any:
     """litert-torch's PT2E quantiser with :func:`litert_qat_config`, static patterns only (BN folded)."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from robkit.export.tflite_format import _filtered_quantizer
 
-    class QAT(PT2EQuantizer):
-        STATIC_QAT_ONLY_OPS: list[str] = []  # conv+BN patterns: BatchNorm is folded before prepare
-
-        def _annotate_all_static_patterns(
-            self, model: torch.fx.GraphModule, quantization_config: Any, filter_fn: Callable | None = None
-        ) -> Any:
-            def both(n: torch.fx.Node) -> bool:
-                return (filter_fn is None or filter_fn(n)) and (keep is None or keep(n))
-
-            return super()._annotate_all_static_patterns(model, quantization_config, both)
-
-    return QAT().set_global(litert_qat_config())
+    return _filtered_quantizer(keep, litert_qat_config(), static_qat_only_ops=[])
 
 
 def _fake_quant_modules(gm: nn.Module) -> Iterator[Any]:

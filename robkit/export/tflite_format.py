@@ -63,8 +63,12 @@ def convert_dynamic_int8(fp32_path: str | os.PathLike, path: str | os.PathLike) 
     q.quantize().export_model(str(path), overwrite=True)
 
 
-def _filtered_quantizer(keep: Callable | None) -> Any:
-    """litert-torch's PT2EQuantizer whose annotations skip nodes ``keep`` rejects.
+def _filtered_quantizer(
+    keep: Callable | None, config: Any = None, static_qat_only_ops: list[str] | None = None
+) -> Any:
+    """litert-torch's PT2EQuantizer whose annotations skip nodes ``keep`` rejects, with ``config``
+    (default: its static per-channel PTQ configuration) and, for QAT, its conv+BN-only patterns
+    replaced by ``static_qat_only_ops``.
 
     ``set_module_name(name, None)`` is refused by this quantiser (an assert), so layers that
     stay float are expressed as an annotation filter instead.
@@ -80,7 +84,11 @@ def _filtered_quantizer(keep: Callable | None) -> Any:
 
             return super()._annotate_all_static_patterns(model, quantization_config, both)
 
-    return Filtered().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    if static_qat_only_ops is not None:
+        Filtered.STATIC_QAT_ONLY_OPS = list(static_qat_only_ops)
+    return Filtered().set_global(
+        config or get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    )
 
 
 def pt2e_quantize(

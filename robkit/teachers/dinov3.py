@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robkit.teachers.backbone import BackboneTeacher
+from robkit.teachers.dinov2 import _LayerScale  # the same per-channel gamma in both releases
 from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 from robkit.utils.errors import RobkitError
 
@@ -70,15 +71,6 @@ class DINOv3LayoutError(RobkitError, ValueError):
 
 # --------------------------------------------------------------------------------------------
 # ViT
-
-
-class _LayerScale(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
 
 
 class _MaskedBiasLinear(nn.Linear):
@@ -365,33 +357,20 @@ class DINOv3Backbone(nn.Module):
 # ConvNeXt
 
 
-class _ChannelsFirstLayerNorm(nn.Module):
-    """The official channels-first LayerNorm of ConvNeXt's stem and downsampling layers (eps 1e-6)."""
-
-    def __init__(self, dim: int, eps: float = CONVNEXT_NORM_EPS) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-class _ChannelsLastLayerNorm(nn.Module):
+class _ChannelsLastLayerNorm(nn.LayerNorm):
     """The official channels-last LayerNorm inside a ConvNeXt block (``weight`` / ``bias``, eps 1e-6)."""
 
     def __init__(self, dim: int, eps: float = CONVNEXT_NORM_EPS) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
+        super().__init__(dim, eps=eps)
+
+
+class _ChannelsFirstLayerNorm(_ChannelsLastLayerNorm):
+    """The official channels-first LayerNorm of ConvNeXt's stem and downsampling layers: the same
+    normalisation over the channel axis of ``[B, C, H, W]``.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class _ConvNeXtBlock(nn.Module):
