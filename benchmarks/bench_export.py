@@ -5,7 +5,9 @@ images, so that quantisation damage shows up as a parity change rather than nois
 features.  Each model is exported to its rows' targets with robkit's own ``export_model`` (parity
 checked on held-out test images, int8 with the sensitivity search), then every file and PyTorch
 eager are timed in one interleaved loop at 1 and 2 threads (ExecuTorch's pool is process-wide:
-2 threads only).  Run it alone on the machine.
+2 threads only).  A row ``NAME+qat`` is target NAME after quantisation-aware distillation
+(``robkit export --qat`` with ``--qat-steps``/``--qat-lr``), beside the post-training row.  Run it
+alone on the machine.
 
     python benchmarks/bench_export.py --out benchmarks/results/export
 """
@@ -28,6 +30,7 @@ import torch  # noqa: E402
 from robkit.export import bench as B  # noqa: E402
 from robkit.export.exporter import export_model  # noqa: E402
 from robkit.export.images import load_images, reestimate_batchnorm  # noqa: E402
+from robkit.export.qat import QATSettings  # noqa: E402
 from robkit.export.targets import auto_candidates, get_target  # noqa: E402
 from robkit.export.wrappers import freeze_input_size  # noqa: E402
 from robkit.models.students import build_student  # noqa: E402
@@ -39,13 +42,17 @@ ROWS = {
         "onnx-int8-cpu",
         "android-tflite-fp32",
         "android-tflite-int8",
+        "android-tflite-int8+qat",
         "executorch-xnnpack-int8",
+        "executorch-xnnpack-int8+qat",
     ],
     "mobilenet_v3_small": [
         "onnx-fp32",
         "android-tflite-fp32",
         "android-tflite-int8",
+        "android-tflite-int8+qat",
         "executorch-xnnpack-int8",
+        "executorch-xnnpack-int8+qat",
     ],
     "resnet18": ["onnx-fp32", "onnx-int8-cpu", "android-tflite-fp32", "android-tflite-int8"],
     "vit_tiny": ["onnx-fp32", "android-tflite-fp32", "android-tflite-int8"],
@@ -62,7 +69,13 @@ def prepare_student(arch: str, res: int) -> torch.nn.Module:
 
 
 def bench_model(
-    arch: str, res: int, rounds: int, outdir: Path, threads: list[int], args_cal: int = 64
+    arch: str,
+    res: int,
+    rounds: int,
+    outdir: Path,
+    threads: list[int],
+    qat: QATSettings,
+    args_cal: int = 64,
 ) -> list[dict]:
     student = prepare_student(arch, res)
     meta = {
@@ -74,15 +87,17 @@ def bench_model(
     runners, exported = [], {}
     for name in ROWS[arch]:
         t0 = time.perf_counter()
+        target, _, mode = name.partition("+")
         try:
             r = export_model(
                 student,
-                get_target(name),
-                outdir / f"{arch}-{name}",
+                get_target(target),
+                outdir / f"{arch}-{target}{'-qat' if mode else ''}",
                 meta=meta,
                 strict=False,
                 calibration_images=args_cal,
                 parity_images=64,
+                qat=qat if mode == "qat" else None,
             )
         except Exception as e:  # record and continue: one broken tool chain must not hide the others
             print(f"  {arch} {name}: export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -118,6 +133,7 @@ def bench_model(
                 target=name,
                 passed=e.passed,
                 float_layers=len((e.card.get("quantization") or {}).get("float_layers", [])),
+                qat_s=((e.card.get("quantization") or {}).get("qat") or {}).get("seconds"),
                 top1=e.parity.top1_agreement,
                 vs_sim=(e.parity.vs_simulated or {}).get("cosine"),
             )
@@ -141,7 +157,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default="benchmarks/results/export")
+    ap.add_argument("--qat-steps", type=int, default=QATSettings.steps)
+    ap.add_argument("--qat-lr", type=float, default=QATSettings.lr)
+    ap.add_argument("--qat-batch-size", type=int, default=QATSettings.batch_size)
     args = ap.parse_args()
+    qat = QATSettings(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch_size)
     logging.disable(logging.WARNING)
     threads = [int(t) for t in args.threads.split(",")]
     out = Path(args.out)
@@ -153,12 +173,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for arch in args.models.split(","):
             print(f"{arch} @ {args.resolution}px", flush=True)
-            all_rows += bench_model(arch, args.resolution, args.rounds, Path(d), threads)
+            all_rows += bench_model(arch, args.resolution, args.rounds, Path(d), threads, qat)
     peaks = {t: B.measure_peak(t) for t in threads}
     lines = [
         "| model | target / runtime | prec | threads | median ms | p90 ms | MB | GMACs | GFLOP/s (% peak) "
-        "| parity cos | top-1 agree | float layers | parity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| parity cos | top-1 agree | float layers | parity | QAT s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in all_rows:
         arch, name = r["name"].split(" ", 1)
@@ -168,7 +188,7 @@ def main() -> None:
             f"({100 * (r['peak_fraction'] or 0):.0f} %) | "
             f"{'-' if r['parity_cosine'] is None else format(r['parity_cosine'], '.4f')} | "
             f"{'-' if r.get('top1') is None else format(r['top1'], '.3f')} | {r.get('float_layers', '-')} | "
-            f"{'-' if 'passed' not in r else ('met' if r['passed'] else 'FAILED')} |"
+            f"{'-' if 'passed' not in r else ('met' if r['passed'] else 'FAILED')} | {r.get('qat_s') or '-'} |"
         )
     lines.append("")
     for arch in args.models.split(","):
@@ -192,7 +212,7 @@ def main() -> None:
     lines.append(
         "\npeak (fp32 sgemm, onnxruntime MLAS): "
         + ", ".join(f"{p:.0f} GFLOP/s at {t} thread(s)" for t, p in peaks.items())
-        + f"; CPU {B.cpu_name()}; total wall time {time.perf_counter() - t_start:.0f} s"
+        + f"; CPU {B.cpu_name()}; QAT {qat.as_dict()}; total wall time {time.perf_counter() - t_start:.0f} s"
     )
     (out / "export_latency.md").write_text("\n".join(lines) + "\n")
     (out / "export_latency.json").write_text(

@@ -10,6 +10,10 @@ in its own runtime, and compared on:
 * linear-probe top-1 with the probe fitted on the *fp32* features applied to the file's
   embeddings: what an app that ships the probe as its classifier gets.
 
+A target written ``NAME+qat`` is the same target after quantisation-aware distillation
+(``robkit export --qat``, :mod:`robkit.export.qat`), so post-training and QAT int8 sit side by side;
+every file of a run is then timed in the same interleaved rounds (median ms at ``--threads``).
+
     python benchmarks/bench_int8_accuracy.py RUN_DIR [RUN_DIR ...] --out benchmarks/results/int8-accuracy
 """
 
@@ -32,12 +36,21 @@ from robkit.evaluation.api import open_eval_splits  # noqa: E402
 from robkit.evaluation.features import extract_features  # noqa: E402
 from robkit.evaluation.knn import knn_accuracy  # noqa: E402
 from robkit.evaluation.linear import load_probe  # noqa: E402
-from robkit.export.exporter import export_model  # noqa: E402
+from robkit.export.exporter import export_model, time_files  # noqa: E402
 from robkit.export.filemodel import ExportedFileModel  # noqa: E402
+from robkit.export.qat import QATSettings  # noqa: E402
 from robkit.export.targets import get_target  # noqa: E402
 from robkit.models.checkpoint import load_student  # noqa: E402
+from robkit.utils.machine import cpu_name  # noqa: E402
 
-TARGETS = ["android-tflite-fp32", "android-tflite-int8", "onnx-int8-cpu", "executorch-xnnpack-int8"]
+TARGETS = [
+    "android-tflite-fp32",
+    "android-tflite-int8",
+    "android-tflite-int8+qat",
+    "onnx-int8-cpu",
+    "executorch-xnnpack-int8",
+    "executorch-xnnpack-int8+qat",
+]
 
 
 def _probe_top1(probe, feats: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -47,7 +60,15 @@ def _probe_top1(probe, feats: torch.Tensor, labels: torch.Tensor) -> float | Non
         return float((probe(feats).argmax(1) == labels).float().mean())
 
 
-def bench_run(run: Path, targets: list[str], train_limit: int, test_limit: int, tmp: Path) -> list[dict]:
+def bench_run(
+    run: Path,
+    targets: list[str],
+    train_limit: int,
+    test_limit: int,
+    tmp: Path,
+    qat: QATSettings,
+    threads: int = 2,
+) -> list[dict]:
     ckpt = run / "checkpoint.pt"
     student, meta = load_student(ckpt)
     probe = load_probe(run / "probe.pt")[0] if (run / "probe.pt").is_file() else None
@@ -67,15 +88,25 @@ def bench_run(run: Path, targets: list[str], train_limit: int, test_limit: int, 
     name = f"{run.name} ({student.arch}, {meta.get('method')}, {meta.get('progress', {}).get('global_step')} steps)"
     rows = [{"run": name, "target": "pytorch fp32", "knn": base_knn, "probe": base_probe}]
     print(f"{name}: pytorch fp32 kNN {base_knn:.4f} probe {base_probe}", flush=True)
+    paths = []
     for t in targets:
         t0 = time.perf_counter()
+        name_t, _, mode = t.partition("+")
         try:
-            r = export_model(student, get_target(t), tmp / f"{run.name}-{t}", meta=meta, strict=False)
+            r = export_model(
+                student,
+                get_target(name_t),
+                tmp / f"{run.name}-{name_t}{'-qat' if mode else ''}",
+                meta=meta,
+                strict=False,
+                qat=qat if mode == "qat" else None,
+            )
         except Exception as e:  # an optional runtime missing must not hide the other rows
             print(f"  {t}: export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
         (f_tr, _), (f_te, _) = embed(ExportedFileModel(r.path, threads=torch.get_num_threads()))
         q = r.card.get("quantization") or {}
+        paths.append(r.path)
         row = {
             "run": name,
             "target": t,
@@ -85,6 +116,7 @@ def bench_run(run: Path, targets: list[str], train_limit: int, test_limit: int, 
             "passed": r.passed,
             "float_layers": len(q.get("float_layers", [])),
             "export_s": round(time.perf_counter() - t0, 1),
+            "qat_s": (q.get("qat") or {}).get("seconds"),
         }
         rows.append(row)
         print(
@@ -93,6 +125,8 @@ def bench_run(run: Path, targets: list[str], train_limit: int, test_limit: int, 
             f"{row['float_layers']} float units, {row['export_s']} s",
             flush=True,
         )
+    for row, ms in zip(rows[1:], time_files(paths, threads), strict=True):
+        row["median_ms"], row["threads"] = ms, threads
     return rows
 
 
@@ -110,30 +144,43 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=10000)
     ap.add_argument("--test-limit", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8-accuracy"))
+    ap.add_argument("--threads", type=int, default=2, help="threads the files are timed at")
+    ap.add_argument("--qat-steps", type=int, default=QATSettings.steps)
+    ap.add_argument("--qat-lr", type=float, default=QATSettings.lr)
+    ap.add_argument("--qat-images", type=int, default=QATSettings.images)
     args = ap.parse_args()
+    qat = QATSettings(steps=args.qat_steps, lr=args.qat_lr, images=args.qat_images)
     logging.disable(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for run in args.runs:
-            rows += bench_run(run, args.targets.split(","), args.train_limit, args.test_limit, Path(d))
+            rows += bench_run(
+                run, args.targets.split(","), args.train_limit, args.test_limit, Path(d), qat, args.threads
+            )
     lines = [
-        "| student run | target | parity cos | float units | kNN top-1 % (Δ pt) | fp32 probe top-1 % (Δ pt) |",
-        "|---|---|---|---|---|---|",
+        "| student run | target | parity cos | float units | kNN top-1 % (Δ pt) | fp32 probe top-1 % (Δ pt) "
+        f"| ms ({args.threads} threads) | QAT s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     base: dict[str, dict] = {}
     for r in rows:
         if r["target"] == "pytorch fp32":
             base[r["run"]] = r
-            lines.append(f"| {r['run']} | PyTorch fp32 | - | - | {_pct(r['knn'])} | {_pct(r['probe'])} |")
+            lines.append(
+                f"| {r['run']} | PyTorch fp32 | - | - | {_pct(r['knn'])} | {_pct(r['probe'])} | - | - |"
+            )
             continue
         b = base[r["run"]]
         status = f"{r['parity_cosine']:.4f}" + ("" if r["passed"] else " (FAILED)")
         lines.append(
             f"| | {r['target']} | {status} | {r['float_layers']} | {_pct(r['knn'], b['knn'])} | "
-            f"{_pct(r['probe'], b['probe'])} |"
+            f"{_pct(r['probe'], b['probe'])} | {r['median_ms']:.2f} | {r['qat_s'] if r['qat_s'] else '-'} |"
         )
-    text = "\n".join(lines) + f"\n\nevaluation: {args.train_limit} train / {args.test_limit} test images\n"
+    text = "\n".join(lines) + (
+        f"\n\nevaluation: {args.train_limit} train / {args.test_limit} test images; QAT {qat.as_dict()}; "
+        f"CPU {cpu_name()}\n"
+    )
     (args.out / "int8_accuracy.md").write_text(text)
     (args.out / "int8_accuracy.json").write_text(json.dumps(rows, indent=1))
     print(text)

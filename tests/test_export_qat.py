@@ -15,13 +15,42 @@ from robkit.export.wrappers import build_export_module, make_inputs
 pytest.importorskip("litert_torch")
 
 
-@pytest.fixture(scope="module")
-def setup():
-    target = get_target("android-tflite-int8")
+def trained_student(steps: int = 60):
+    """A MobileNetV3-Small trained for a few supervised steps on Fashion-MNIST (32 px), BatchNorm then
+    re-estimated: QAT's claim is about trained weights (an untrained network's features are noise that
+    int8 ranges fit by chance), and a few steps give it structured features in seconds."""
+    from export_helpers import normalised
+
+    from robkit.export.images import reestimate_batchnorm
+
     student = make_student("mobilenet_v3_small", images=128)
+    u8, labels = load_images("fashion-mnist", "train", 2048, 32, offset=30000)
+    x, y = normalised(u8), torch.as_tensor(labels)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(student(x[:2]).shape[1], 10)
+    opt = torch.optim.Adam([*student.parameters(), *head.parameters()], lr=2e-3)
+    student.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(head(student(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return reestimate_batchnorm(student, x[:256]).eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_student()
+
+
+@pytest.fixture(scope="module")
+def setup(trained):
+    target = get_target("android-tflite-int8")
+    student = trained
     mean, std = [0.286] * 3, [0.353] * 3
     module = build_export_module(student, target, mean, std, resolution=32)
-    train_u8, _ = load_images("fashion-mnist", "train", 512, 32, offset=0)
+    train_u8, _ = load_images("fashion-mnist", "train", 1024, 32, offset=0)
     held_u8, _ = load_images("fashion-mnist", "train", 64, 32, offset=20000)
     return target, module, make_inputs(train_u8, target, mean, std), make_inputs(held_u8, target, mean, std)
 
@@ -67,3 +96,85 @@ def test_bad_settings_are_refused(setup):
     _, module, train_x, _ = setup
     with pytest.raises(ValueError, match="lr > 0"):
         qat_distill(module, train_x[:1], train_x, steps=1, lr=0.0)
+
+
+def _run(setup, state, stop_at=None, **kw):
+    from robkit.export.qat import qat_distill
+
+    _, module, train_x, held_x = setup
+
+    def stop(step):
+        if step == stop_at:
+            raise KeyboardInterrupt  # what a killed run leaves behind: the last checkpointed state
+
+    settings = {"steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 2, **kw}
+    return qat_distill(
+        module, held_x[:1], train_x[:128], held_x[:16], progress=False, state=state, on_step=stop, **settings
+    )
+
+
+def test_killed_qat_resumes_exactly_and_refuses_other_settings(setup, tmp_path):
+    from robkit.utils.errors import ResumeMismatch
+
+    _, _, _, held_x = setup
+    whole, _, r_whole = _run(setup, None)
+    state = tmp_path / "qat-state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, state, stop_at=3)  # steps 0-3 ran, the state holds step 4 (checkpoint every 2)
+    stored = torch.load(state, weights_only=True)
+    assert stored["step"] == 4 and len(stored["losses"]) == 4
+
+    with pytest.raises(ResumeMismatch, match=r"lr: 0.0001 -> 0.0002"):
+        _run(setup, state, lr=2e-4)
+    resumed, _, r_resumed = _run(setup, state)
+    assert r_resumed.losses == r_whole.losses  # the same batches, the same optimiser state
+    assert r_resumed.cosine_before == r_whole.cosine_before
+    with torch.no_grad():
+        assert torch.equal(resumed(held_x[:8]), whole(held_x[:8]))
+
+
+def _checkpoint(tmp_path, student=None):
+    from export_helpers import save_student_checkpoint
+
+    student = student if student is not None else make_student("mobilenet_v3_small", images=128)
+    return save_student_checkpoint(student, tmp_path / "ckpt.pt")
+
+
+def test_export_qat_from_the_cli_writes_an_all_int8_file_and_records_qat(trained, tmp_path):
+    """``robkit export --qat``: the file is converted from the QAT graph, its card says what QAT did, the
+    resumable state is gone once the file is written, and the file in LiteRT matches the fp32 student."""
+    from click.testing import CliRunner
+
+    from robkit.cli import main
+    from robkit.export import tflite_format as T
+    from robkit.export.card import read_card
+
+    ckpt = _checkpoint(tmp_path, trained)
+    out = tmp_path / "qat.tflite"
+    args = ["export", str(ckpt), "--target", "android-tflite-int8", "--out", str(out), "--qat"]
+    args += ["--qat-steps", "8", "--qat-images", "96", "--qat-lr", "1e-4", "--qat-batch-size", "16"]
+    r = CliRunner().invoke(main, args + ["--calibration-images", "16", "--parity-images", "16"])
+    assert r.exit_code == 0, r.output
+    assert "qat      8 steps" in r.output
+    card = read_card(out)
+    qat = card["quantization"]["qat"]
+    assert qat["steps"] == 8 and qat["images"] == 96 and qat["lr"] == 1e-4
+    assert 0 < qat["cosine_before"] <= 1 and 0 < qat["cosine_after"] <= 1
+    assert "quantisation-aware" in card["conversion"]["quantizer"]
+    assert not (tmp_path / "qat.tflite.qat-state.pt").exists()
+    if not card["quantization"]["float_layers"]:  # QAT met the threshold: no float search ran
+        assert len(card["quantization"]["search"]) == 1
+    assert card["parity"]["cosine"] >= 0.98
+    assert T.weight_types(out).get("int8", 0) > 0
+
+
+def test_qat_is_refused_for_targets_it_does_not_train_for(tmp_path):
+    from click.testing import CliRunner
+
+    from robkit.cli import main
+
+    ckpt = _checkpoint(tmp_path)
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--target", "onnx-int8-cpu", "--qat"])
+    assert r.exit_code != 0
+    assert "onnx-int8-cpu" in r.output and "android-tflite-int8" in r.output
+    assert "Traceback" not in r.output

@@ -36,17 +36,24 @@ def require_executorch() -> None:
         ) from None
 
 
-def xnnpack_quantizer(keep: Callable | None) -> Any:
-    """``XNNPACKQuantizer`` (symmetric, per-channel int8); ``keep`` is its node filter function."""
+def xnnpack_quantizer(keep: Callable | None, qat: bool = False) -> Any:
+    """``XNNPACKQuantizer`` (symmetric, per-channel int8; with ``qat`` its fake-quantiser configuration);
+    ``keep`` is its node filter function.
+    """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
 
-    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
     if keep is not None:
         q.set_filter_function(keep)
     return q
+
+
+def xnnpack_qat_quantizer(keep: Callable | None) -> Any:
+    """:func:`xnnpack_quantizer` for quantisation-aware distillation."""
+    return xnnpack_quantizer(keep, qat=True)
 
 
 def lower(module: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike) -> dict[str, Any]:
@@ -129,6 +136,10 @@ class ExecuTorchBackend:
                 job.is_vit,
                 quantizer_factory=xnnpack_quantizer,
                 fold=True,
+                qat=job.qat,
+                qat_x=job.qat_x,
+                qat_state=job.qat_state,
+                qat_quantizer_factory=xnnpack_qat_quantizer,
             )
             simulated = run_torch_batch1(gm, job.par_x)
             conversion = lower(gm, job.example, job.out)

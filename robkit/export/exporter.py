@@ -28,7 +28,8 @@ from robkit.export.backends import ConvertJob, backend_for
 from robkit.export.images import load_images
 from robkit.export.int8 import SEARCH_IMAGES
 from robkit.export.parity import ParityError, ParityReport, compare
-from robkit.export.targets import ExportTarget, validate
+from robkit.export.qat import QATSettings
+from robkit.export.targets import ExportTarget, TargetError, validate
 from robkit.export.wrappers import build_export_module, make_inputs
 from robkit.utils.constants import imagenet_normalization
 
@@ -74,13 +75,24 @@ def export_model(
     parity_images: int | None = None,
     checkpoint: str | None = None,
     strict: bool = True,
+    qat: QATSettings | None = None,
 ) -> ExportResult:
     """Export ``student`` (+ ``probe``: ``[B, D] -> [B, C]`` logits) to ``out`` for ``target``.
+
+    ``qat``: fine-tune the int8-simulated module to match its fp32 self before conversion
+    (:mod:`robkit.export.qat`), on ``qat.images`` training images after the calibration and search
+    ones; its state is kept next to ``out`` until the file is written, so a killed export resumes.
 
     Raises :class:`ParityError` (after writing the file and its card marked failed) when the
     file misses the target's parity thresholds and ``strict``.
     """
     target = validate(target)
+    if qat is not None and not qat_capable(target):
+        raise TargetError(
+            f"--qat trains for static int8 through PT2E (TFLite and ExecuTorch int8 targets, e.g. "
+            f"android-tflite-int8, executorch-xnnpack-int8); target {target.name} is {target.format} "
+            f"{target.precision}. Pick one of those targets, or drop --qat."
+        )
     meta = dict(meta or {})
     norm = meta.get("normalization") or imagenet_normalization()
     mean, std = list(norm["mean"]), list(norm["std"])
@@ -110,6 +122,17 @@ def export_model(
             data or target.calibration["data"], target.calibration["split"], SEARCH_IMAGES, res, offset=cal_n
         )
         search_x = make_inputs(s_u8, target, mean, std)
+    qat_x, qat_state = None, None
+    if qat is not None:
+        q_u8, _ = load_images(
+            data or target.calibration["data"],
+            target.calibration["split"],
+            qat.images,
+            res,
+            offset=cal_n + SEARCH_IMAGES,
+        )
+        qat_x = make_inputs(q_u8, target, mean, std)
+        qat_state = out.with_name(out.name + ".qat-state.pt")
     example = par_x[:1]
     with torch.no_grad():
         reference = module(par_x)
@@ -168,6 +191,9 @@ def export_model(
             search_x=search_x,
             is_vit=is_vit,
             labels=labels,
+            qat=qat,
+            qat_x=qat_x,
+            qat_state=qat_state,
         )
         converted = backend.convert(job)
         conversion, plan = converted.conversion, converted.plan
@@ -198,6 +224,8 @@ def export_model(
     else:
         card["status"] = "passed" if report.passed else "failed"
     card_path = cards.write_card(out, card)
+    if qat_state is not None:
+        qat_state.unlink(missing_ok=True)  # the file is written: nothing left to resume
     if card["conversion"]["parity_file_sha256"] != cards.sha256(out):
         raise RuntimeError(f"{out} changed after its parity run; this is a robkit bug")
     card = cards.read_card(out) or card
@@ -215,6 +243,15 @@ def export_model(
             report,
         )
     return result
+
+
+def qat_capable(target: ExportTarget) -> bool:
+    """Whether ``target`` is static int8 through PT2E, which quantisation-aware distillation trains for."""
+    return (
+        target.precision == "int8"
+        and target.format in ("tflite", "executorch")
+        and target.quantization.get("mode") != "dynamic"
+    )
 
 
 def _input_range(target: ExportTarget) -> str:
@@ -256,7 +293,7 @@ def export_checkpoint(
     The file goes to ``out`` (default: ``export/<checkpoint stem>-<target>`` next to the
     checkpoint). ``options`` are :func:`export_model`'s keywords (resolution, data, image counts).
     """
-    from robkit.export.targets import TargetError, auto_candidates, resolve_target
+    from robkit.export.targets import auto_candidates, resolve_target
     from robkit.models.checkpoint import checkpoint_classifier, load_student
 
     student, meta = load_student(checkpoint)
@@ -274,6 +311,9 @@ def export_checkpoint(
     last_error: BaseException | None = None
     for name in names:
         t = resolve_target(fmt, precision, name, **{k: v for k, v in (overrides or {}).items() if v})
+        kw = dict(options)
+        if auto and kw.get("qat") is not None and not qat_capable(t):
+            kw["qat"] = None  # auto: QAT where it applies, the other candidates as they are
         stem = Path(checkpoint).with_suffix("").name
         dest = Path(out) if out else Path(checkpoint).parent / "export" / f"{stem}-{t.name}"
         if out and auto:
@@ -281,7 +321,7 @@ def export_checkpoint(
         echo(f"exporting {student.arch} to {t.name} ({t.description})")
         try:
             res = export_model(
-                student, t, dest, probe=probe, labels=labels, meta=meta, checkpoint=str(checkpoint), **options
+                student, t, dest, probe=probe, labels=labels, meta=meta, checkpoint=str(checkpoint), **kw
             )
         except ParityError as e:
             if not auto:

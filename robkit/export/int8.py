@@ -7,10 +7,12 @@ on training images that were not used for calibration.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from robkit.export.qat import QATSettings, qat_distill
 from robkit.export.quantize import (
     MixedPrecisionPlan,
     cosine,
@@ -77,6 +79,10 @@ def pt2e_static_int8(
     quantizer_factory: Callable | None = None,
     fold: bool = False,
     float_input: bool = False,
+    qat: QATSettings | None = None,
+    qat_x: torch.Tensor | None = None,
+    qat_state: Path | None = None,
+    qat_quantizer_factory: Callable | None = None,
 ) -> tuple[MixedPrecisionPlan, Any, Any]:
     """PT2E static int8 (litert-torch's quantiser by default, XNNPACK's for ExecuTorch) with the units
     the sensitivity search keeps in float: ``(plan, quantised graph module, quantizer)``.
@@ -86,14 +92,39 @@ def pt2e_static_int8(
     modules (no re-calibration) and running it on the search images, which were not used for
     calibration.  The returned graph is the chosen candidate itself, so the file is converted from
     exactly the model the search scored.
+
+    With ``qat`` the graph is the quantisation-aware-distilled one instead (trained on ``qat_x`` with
+    ``qat_quantizer_factory``'s fake-quantisers, scored on the same search images); when it meets the
+    threshold with every module int8, as QAT is meant to make possible, no float fallback is searched.
     """
     from robkit.export import tflite_format as T
 
-    program = torch.export.export(module, (example,))
     keep = node_filter([], module, is_vit)
     if float_input:
         keep = float_boundary(keep)
-    gm, quantizer = T.pt2e_quantize(program, example, cal_x, keep, quantizer_factory=quantizer_factory)
+    qat_record = None
+    if qat is not None:
+        if qat_x is None or qat_quantizer_factory is None:
+            raise ValueError("QAT needs its training images and the target's QAT quantiser")
+        gm, quantizer, result = qat_distill(
+            module,
+            example,
+            qat_x,
+            search_x,
+            keep=keep,
+            quantizer_factory=qat_quantizer_factory,
+            steps=qat.steps,
+            batch_size=qat.batch_size,
+            lr=qat.lr,
+            observe_steps=qat.observe_steps,
+            seed=qat.seed,
+            state=qat_state,
+            checkpoint_every=qat.checkpoint_every,
+        )
+        qat_record = {**qat.as_dict(), **result.as_dict(), "held_out": "search images"}
+    else:
+        program = torch.export.export(module, (example,))
+        gm, quantizer = T.pt2e_quantize(program, example, cal_x, keep, quantizer_factory=quantizer_factory)
     with torch.no_grad():
         search_ref = module(search_x)
 
@@ -108,6 +139,7 @@ def pt2e_static_int8(
         is_vit,
         target.quantization.get("keep_sensitive_float", True),
     )
+    plan.qat = qat_record
     chosen = strip_quantization(gm, plan.float_layers)
     if fold:
         chosen = fold_weight_quantization(chosen)

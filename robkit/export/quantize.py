@@ -64,16 +64,20 @@ class MixedPrecisionPlan:
     history: list[dict[str, float]] = field(default_factory=list)  # [{"float_layers": k, "cosine": c}]
     met: bool = True
     quantized_ops: str = "all supported ops"
+    qat: dict[str, Any] | None = None  # quantisation-aware distillation: settings and what it measured
 
     def as_dict(self) -> dict:
         """The plan as the card's JSON record."""
-        return {
+        out = {
             "float_layers": self.float_layers,
             "reasons": self.reasons,
             "search": self.history,
             "met_threshold_on_calibration": self.met,
             "quantized_ops": self.quantized_ops,
         }
+        if self.qat is not None:
+            out["qat"] = self.qat
+        return out
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:

@@ -370,6 +370,8 @@ class TFLiteBackend:
             )
             conversion["quantizer"] = "ai-edge-quantizer"
         else:
+            from robkit.export.qat import litert_qat_quantizer
+
             assert job.search_x is not None
             plan, gm, quantizer = pt2e_static_int8(
                 module,
@@ -379,10 +381,16 @@ class TFLiteBackend:
                 job.search_x,
                 job.is_vit,
                 float_input=target.input_dtype == "float32",
+                qat=job.qat,
+                qat_x=job.qat_x,
+                qat_state=job.qat_state,
+                qat_quantizer_factory=litert_qat_quantizer,
             )
             simulated = run_torch_batch1(gm, job.par_x)
             convert_static_int8(gm, quantizer, job.example, out)
-            conversion["quantizer"] = "litert-torch PT2E (static, per-channel)"
+            conversion["quantizer"] = "litert-torch PT2E (static, per-channel)" + (
+                ", quantisation-aware distilled" if job.qat is not None else ""
+            )
         runner = TFLiteRunner(out, threads=torch.get_num_threads())
         conversion["ops"] = op_counts(out)
         conversion["weights"] = weight_types(out)
