@@ -56,6 +56,11 @@ class Budget:
     batch_size: int = 256
     ssl_recipe: str = "sslight"  # resolved per network, e.g. dino-sslight-small
     rob_recipe: str = "auto"  # rob-<teacher family>-small
+    # Wall-clock target of the whole demo on this machine: when set, a few probe steps of the teacher
+    # and of the student measure this CPU, and every run gets the same share of its steps (at least
+    # ``min_steps``) so that training plus evaluation and export fit (see :func:`fit_steps`).
+    seconds: float | None = None
+    min_steps: int = 48
 
 
 BUDGETS = {
@@ -87,6 +92,7 @@ BUDGETS = {
         batch_size=64,
         ssl_recipe="dino-sslight-short",
         rob_recipe="rob-dino-short",
+        seconds=540,
     ),
     # about an hour or two on 2 CPU cores: 5 epochs of Fashion-MNIST per run
     "full": Budget(
@@ -146,6 +152,101 @@ def _train(stage: str, out: Path, budget: Budget, fn: Callable[..., Any], steps:
     return run
 
 
+PROBE_STEPS = 6  # training steps each probe runs; the first two (allocation, kernel choice) are not timed
+# Evaluation, export and benchmark time in units of one teacher step (measured: 243 s against 2.3 s per
+# step on an AVX2-only EPYC, 115 s against about 1.0 s with AVX-512): they slow down with the CPU too.
+REST_IN_TEACHER_STEPS = 105
+ROB_OVER_SSLIGHT = 1.15  # a RoB step (student + frozen ResNet-18 teacher) over an SSLight step, measured
+
+
+def fit_steps(budget: Budget, teacher_step_s: float, student_step_s: float, spent_s: float = 0.0) -> int:
+    """Steps per run (teacher, RoB and SSLight alike) that keep the demo inside ``budget.seconds``.
+
+    ``teacher_step_s``/``student_step_s``: seconds per step measured on this machine (SSLight student);
+    ``spent_s``: seconds already used (the probes). Never more than the budget's steps, never fewer
+    than ``min_steps`` (below that the short recipes' dynamics no longer fit the run).
+    """
+    if budget.seconds is None:
+        return budget.steps
+    rest = REST_IN_TEACHER_STEPS * teacher_step_s
+    per_step = teacher_step_s + student_step_s * (1 + ROB_OVER_SSLIGHT)
+    fitted = int((budget.seconds - spent_s - rest) / per_step)
+    return max(min(budget.min_steps, budget.steps), min(budget.steps, fitted))
+
+
+def ema_for_steps(recipe: str, nominal_steps: int, steps: int) -> dict[str, Any]:
+    """The recipe's EMA momentum with its horizon ``1 / (1 - m)`` scaled from ``nominal_steps`` to
+    ``steps``, so the EMA teacher leaves its initialisation as far in a shorter run (empty if unchanged).
+    """
+    from robkit.engine.config import load_recipe
+
+    if steps >= nominal_steps:
+        return {}
+    ema = load_recipe(recipe).get("ema")
+    if not ema:
+        return {}
+    m = float(ema["momentum"])
+    return {"ema": {"momentum": round(1 - (1 - m) * nominal_steps / steps, 6)}}
+
+
+def _probe_step_s(fn: Callable[..., Any], out: Path, budget: Budget, **kw: Any) -> float:
+    """Median seconds of one training step of ``fn``'s run on this machine (a few steps, then deleted)."""
+    import csv
+    import shutil
+
+    probe = out / ".probe"
+    shutil.rmtree(probe, ignore_errors=True)
+    overrides = kw.pop("overrides", {})
+    overrides = {
+        **overrides,
+        "train": {**overrides.get("train", {}), "epochs": 1, "batch_size": budget.batch_size},
+    }
+    try:
+        fn(
+            data="fashion-mnist",
+            data_limit=max(budget.steps, PROBE_STEPS) * budget.batch_size,
+            out=probe,
+            overrides=overrides,
+            progress=False,
+            tensorboard=False,
+            precise_bn_images=0,
+            max_steps=PROBE_STEPS,
+            **kw,
+        )
+        with open(probe / "metrics.csv", newline="", encoding="utf-8") as f:
+            rates = sorted(float(r["img_per_s"]) for r in csv.DictReader(f) if int(r["step"]) > 2)
+        if not rates:
+            raise RuntimeError(
+                f"the timing probe in {probe} logged no step past the second; this is a robkit bug"
+            )
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return budget.batch_size / rates[len(rates) // 2]
+
+
+def plan_steps(out: Path, budget: Budget, probes: dict[str, Callable[[], float]]) -> dict[str, Any]:
+    """The demo's steps per run, fitted to this machine once and kept in ``plan.json`` (a resumed demo
+    trains exactly what it started with).
+    """
+    from robkit.utils.machine import cpu_name
+
+    path = out / "plan.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    plan: dict[str, Any] = {"steps": budget.steps, "nominal_steps": budget.steps, "cpu": cpu_name()}
+    if budget.seconds is not None:
+        t = time.time()
+        step_s = {name: probe() for name, probe in probes.items()}
+        plan["steps"] = fit_steps(budget, step_s["teacher"], step_s["student"], time.time() - t)
+        plan.update(
+            seconds_target=budget.seconds,
+            probe_step_s={k: round(v, 3) for k, v in step_s.items()},
+            probe_s=round(time.time() - t, 1),
+        )
+    path.write_text(json.dumps(plan, indent=2))
+    return plan
+
+
 def _cli(*args: str, log: Path, allow_fail: bool = False) -> int:
     """Run a ``robkit`` sub-command in its own process (converters keep their memory to themselves)."""
     cmd = [sys.executable, "-m", "robkit.cli", *args]
@@ -190,6 +291,23 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
     small_head = (
         {"head": {"out_dim": 256, "hidden_dim": 256, "bottleneck_dim": 64}} if budget == "tiny" else {}
     )
+    ssl = {"method": "dino", "recipe": b.ssl_recipe}
+    plan = plan_steps(
+        out,
+        b,
+        {
+            "teacher": lambda: _probe_step_s(pretrain, out, b, student=TEACHER_ARCH, **ssl),
+            "student": lambda: _probe_step_s(pretrain, out, b, student=STUDENT, **ssl),
+        },
+    )
+    steps = int(plan["steps"])
+    if steps < b.steps:
+        _log(
+            f"this CPU ({plan['cpu']}) fits {steps} of the budget's {b.steps} steps per run in "
+            f"{b.seconds:.0f} s (probe: {plan['probe_step_s']} s per step)"
+        )
+    teacher_steps = b.teacher_steps * steps // b.steps
+    ssl_overrides = {**small_head, **ema_for_steps(b.ssl_recipe, b.steps, steps)}
     teacher = timed(
         "teacher",
         _train,
@@ -197,11 +315,11 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         out,
         b,
         pretrain,
-        b.teacher_steps,
+        teacher_steps,
         method="dino",
         student=TEACHER_ARCH,
         recipe=b.ssl_recipe,
-        overrides=small_head,
+        overrides=ssl_overrides,
     )
     rob = timed(
         "rob",
@@ -210,7 +328,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         out,
         b,
         distill,
-        b.steps,
+        steps,
         teacher=str(teacher / "checkpoint.pt"),
         student=STUDENT,
         recipe=b.rob_recipe,
@@ -222,11 +340,11 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         out,
         b,
         pretrain,
-        b.steps,
+        steps,
         method="dino",
         student=STUDENT,
         recipe=b.ssl_recipe,
-        overrides=small_head,
+        overrides=ssl_overrides,
     )
 
     # ---- evaluation
@@ -325,6 +443,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small") -> dict[str, Any]:
         "app_check": json.loads(app_check_path.read_text()) if app_check_path.exists() else None,
         "bench": json.loads(bench_json.read_text()),
         "timings_s": timings,
+        "plan": plan,
         "runs": {"teacher": str(teacher), "rob": str(rob), "sslight": str(sslight)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

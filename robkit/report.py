@@ -129,6 +129,22 @@ def _export_table(exports: list[dict[str, Any]], bench: dict[str, Any]) -> list[
     return lines
 
 
+def _plan_lines(plan: dict[str, Any] | None) -> list[str]:
+    """How many steps each run trained, and why when the machine made it fewer than the budget's."""
+    if not plan:
+        return []
+    steps, nominal = plan["steps"], plan["nominal_steps"]
+    line = f"Steps per run: **{steps}** (budget: {nominal}) on {plan['cpu']}."
+    if steps < nominal:
+        line += (
+            f" The budget's {nominal} steps do not fit {plan['seconds_target']:.0f} s on this CPU (probe: "
+            f"{plan['probe_step_s']['teacher']:.2f} s per teacher step, {plan['probe_step_s']['student']:.2f} s per "
+            "student step), so every run trains the same fewer steps, with the EMA horizon scaled to them; "
+            "the results below are of those shorter runs."
+        )
+    return [line, ""]
+
+
 def _app_check_lines(check: dict[str, Any] | None) -> list[str]:
     """The labelled classifier in the app's own client (MediaPipe ImageClassifier)."""
     if not check:
@@ -170,6 +186,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         f"`robkit demo --budget {budget} --out {out}` (finished stages are reused; delete a stage's folder to "
         "redo it).",
         "",
+        *_plan_lines(summary.get("plan")),
         "## Training curves",
         "",
         "![training curves](training_curves.png)",

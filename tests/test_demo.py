@@ -73,3 +73,33 @@ def test_demo_tiny_end_to_end_and_resumable(tmp_path, monkeypatch):
     assert res2.exit_code == 0, res2.output
     assert "reusing" in res2.output or "reusing" in (res2.stderr if hasattr(res2, "stderr") else "")
     assert (out / "rob" / "checkpoint.pt").stat().st_mtime == rob_ckpt
+
+
+def test_steps_are_fitted_to_this_cpu_once_and_kept_for_a_resumed_demo(tmp_path):
+    """The probe trains a few real steps, measures them and leaves nothing behind; ``plan.json`` then
+    fixes the steps, so a resumed demo never probes (or changes its runs) again."""
+    import dataclasses
+
+    from robkit.demo import BUDGETS, PROBE_STEPS, STUDENT, _probe_step_s, plan_steps
+    from robkit.engine.build import pretrain
+
+    b = dataclasses.replace(BUDGETS["tiny"], seconds=1e6, batch_size=8)
+    head = {"head": {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 16}}
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return _probe_step_s(
+            pretrain, tmp_path, b, student=STUDENT, method="dino", recipe="sslight", overrides=head
+        )
+
+    plan = plan_steps(tmp_path, b, {"teacher": probe, "student": probe})
+    assert len(calls) == 2 and not (tmp_path / ".probe").exists()
+    assert plan["probe_step_s"]["teacher"] > 0 and plan["steps"] == b.steps  # a huge target: every step fits
+    assert PROBE_STEPS > 2
+
+    def refuse():
+        raise AssertionError("a stored plan is reused, not re-measured")
+
+    assert plan_steps(tmp_path, b, {"teacher": refuse, "student": refuse}) == plan
+    assert json.loads((tmp_path / "plan.json").read_text()) == plan

@@ -58,3 +58,35 @@ def test_the_demo_budget_uses_the_short_recipes_and_published_recipes_keep_their
     assert load_recipe("dino-sslight-cnn")["ema"]["momentum"] == 0.996
     assert load_recipe("dino-sslight-cnn")["optim"]["name"] == "lars"
     assert load_recipe("rob-dino")["optim"]["base_lr"] == 5.0e-4
+
+
+def test_a_slow_cpu_gets_fewer_steps_for_every_run_and_a_fast_one_the_budget():
+    from robkit.demo import fit_steps
+
+    small = BUDGETS["small"]
+    assert fit_steps(small, 1.0, 0.7) == small.steps  # AVX-512 class: the whole budget fits
+    slow = fit_steps(small, 2.3, 1.5)  # AVX2-only class (measured 2.3 s / 1.5 s per step)
+    assert small.min_steps < slow < small.steps
+    # the fitted runs, with the rest of the demo, stay inside the target
+    assert 2.3 * (slow + 105) + 1.5 * 2.15 * slow <= small.seconds
+    assert fit_steps(small, 20.0, 10.0) == small.min_steps  # never below the floor of the recipes' dynamics
+    assert fit_steps(BUDGETS["tiny"], 20.0, 10.0) == BUDGETS["tiny"].steps  # no target: the steps as given
+
+
+@pytest.mark.parametrize("steps", [BUDGETS["small"].min_steps, 100])
+def test_fitted_runs_keep_the_short_recipes_dynamics(steps):
+    """At the fewest steps the demo fits, the EMA horizon scaled to them still lets the EMA teacher leave
+    its initialisation, and the warm-ups (fractions of the one-epoch run) still end inside it."""
+    from robkit.demo import ema_for_steps
+    from robkit.engine.config import deep_merge
+
+    small = BUDGETS["small"]
+    r = deep_merge(load_recipe(small.ssl_recipe), ema_for_steps(small.ssl_recipe, small.steps, steps))
+    ema = r["ema"]
+    assert ema["momentum"] < load_recipe(small.ssl_recipe)["ema"]["momentum"]
+    m = cosine_schedule(ema["momentum"], ema.get("momentum_end", 1.0), steps)
+    assert math.prod(float(x) for x in m) < 0.25
+    warm = round(r["optim"]["warmup_epochs"] * steps)
+    assert 1 <= warm <= 0.25 * steps
+    assert ema_for_steps(small.ssl_recipe, small.steps, small.steps) == {}
+    assert ema_for_steps(small.rob_recipe, small.steps, steps) == {}  # RoB has no EMA teacher
