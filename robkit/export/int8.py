@@ -113,13 +113,8 @@ def pt2e_static_int8(
             search_x,
             keep=keep,
             quantizer_factory=qat_quantizer_factory,
-            steps=qat.steps,
-            batch_size=qat.batch_size,
-            lr=qat.lr,
-            observe_steps=qat.observe_steps,
-            seed=qat.seed,
             state=qat_state,
-            checkpoint_every=qat.checkpoint_every,
+            **qat.training_kwargs(),
         )
         qat_record = {**qat.as_dict(), **result.as_dict(), "held_out": "search images"}
     else:

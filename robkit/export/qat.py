@@ -84,6 +84,10 @@ class QATSettings:
         """The settings as the card records them."""
         return asdict(self)
 
+    def training_kwargs(self) -> dict[str, Any]:
+        """The keywords of :func:`qat_distill` these settings fix (``images`` is the caller's slice)."""
+        return {k: v for k, v in asdict(self).items() if k != "images"}
+
 
 @dataclass
 class QATResult:
