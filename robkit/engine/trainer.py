@@ -38,7 +38,7 @@ from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batc
 from robkit.engine.tasks import Online, Task
 from robkit.models.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.utils import distributed as dist_utils
-from robkit.utils.errors import RecipeError, ResumeMismatch, RobkitError
+from robkit.utils.errors import RecipeError, ResumeMismatch, RobkitError, leaf_diff
 
 if TYPE_CHECKING:
     from robkit.engine.teacher_cache import CachedTargets
@@ -91,24 +91,6 @@ class CheckpointMeta:
     # {"data": data-set fingerprint, "teacher_sha256": str, "target_cache": str} (see _identity)
     identity: dict[str, Any] = field(default_factory=dict)
     init: dict[str, Any] | None = None  # {"path", "sha256"} of the --init weights
-
-
-def _leaf_diff(stored: Any, now: Any, path: str = "") -> list[str]:
-    """``["optim.base_lr: 0.002 -> 0.004", ...]``: every leaf where two nested dicts differ."""
-    if isinstance(stored, dict) and isinstance(now, dict):
-        out = []
-        for k in sorted(set(stored) | set(now), key=str):
-            here = f"{path}.{k}" if path else str(k)
-            if k not in stored:
-                out.append(f"{here}: (absent) -> {now[k]!r}")
-            elif k not in now:
-                out.append(f"{here}: {stored[k]!r} -> (absent)")
-            else:
-                out += _leaf_diff(stored[k], now[k], here)
-        return out
-    if isinstance(stored, (list, tuple)) and isinstance(now, (list, tuple)):
-        stored, now = list(stored), list(now)
-    return [] if stored == now else [f"{path}: {stored!r} -> {now!r}"]
 
 
 def _mix_seed(*parts: int) -> int:
@@ -281,7 +263,7 @@ class Trainer:
                 self.precision = str(stored["precision"])
                 self.precision_choice = {"rule": "resumed"}
             now = self._identity()
-        diff = _leaf_diff(stored, now)
+        diff = leaf_diff(stored, now)
         if diff:
             raise ResumeMismatch(
                 f"cannot resume {self.ckpt_path}: this run differs from the stored one in "
