@@ -60,7 +60,7 @@ def setup():
 
 def test_qat_is_at_least_as_close_to_fp32_as_ptq_on_held_out_images(setup, tmp_path):
     from robkit.export import tflite_format as T
-    from robkit.export.qat import qat_distill
+    from robkit.export.qat import QATSettings, qat_distill
 
     target, module, train_x, held_x = setup
     example = held_x[:1]
@@ -69,7 +69,12 @@ def test_qat_is_at_least_as_close_to_fp32_as_ptq_on_held_out_images(setup, tmp_p
     ptq, ptq_quantizer = T.pt2e_quantize(module, example, train_x[:64], None)
     c_ptq = cos(T.run_torch_batch1(ptq, held_x), ref)
     qat, quantizer, result = qat_distill(
-        module, example, train_x, held_x, steps=60, batch_size=16, lr=1e-4, progress=False
+        module,
+        example,
+        train_x,
+        held_x,
+        settings=QATSettings(steps=60, batch_size=16, lr=1e-4),
+        progress=False,
     )
     c_qat = cos(T.run_torch_batch1(qat, held_x), ref)
     assert result.cosine_after == pytest.approx(c_qat, abs=2e-3)
@@ -92,16 +97,17 @@ def test_qat_is_at_least_as_close_to_fp32_as_ptq_on_held_out_images(setup, tmp_p
     assert types.get("int8", 0) > 0 and types.get("float32", 0) == 0, types
 
 
-def test_bad_settings_are_refused(setup):
-    from robkit.export.qat import qat_distill
+def test_bad_settings_are_refused():
+    from robkit.export.qat import QATSettings
 
-    _, module, train_x, _ = setup
-    with pytest.raises(ValueError, match="lr > 0"):
-        qat_distill(module, train_x[:1], train_x, steps=1, lr=0.0)
+    with pytest.raises(ValueError, match=r"lr > 0.*lr=0.0"):
+        QATSettings(steps=1, lr=0.0)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
+        QATSettings(checkpoint_every=0)
 
 
 def _run(setup, state, stop_at=None, **kw):
-    from robkit.export.qat import qat_distill
+    from robkit.export.qat import QATSettings, qat_distill
 
     _, module, train_x, held_x = setup
 
@@ -109,9 +115,16 @@ def _run(setup, state, stop_at=None, **kw):
         if step == stop_at:
             raise KeyboardInterrupt  # what a killed run leaves behind: the last checkpointed state
 
-    settings = {"steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 2, **kw}
+    settings = QATSettings(**{"steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 2, **kw})
     return qat_distill(
-        module, held_x[:1], train_x[:128], held_x[:16], progress=False, state=state, on_step=stop, **settings
+        module,
+        held_x[:1],
+        train_x[:128],
+        held_x[:16],
+        settings=settings,
+        progress=False,
+        state=state,
+        on_step=stop,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from robkit.export.qat import QATSettings
+from robkit.export.qat import QATRun
 from robkit.export.quantize import MixedPrecisionPlan
 from robkit.export.targets import FORMATS, ExportTarget
 
@@ -42,9 +42,7 @@ class ConvertJob:
     search_x: torch.Tensor | None  # int8 only: training images the mixed-precision search scores on
     is_vit: bool
     labels: list[str] | None = None
-    qat: QATSettings | None = None  # int8 only: quantisation-aware distillation before conversion
-    qat_x: torch.Tensor | None = None  # its training images (after the calibration and search images)
-    qat_state: Path | None = None  # its resumable state file
+    qat: QATRun | None = None  # int8 only: quantisation-aware distillation before conversion
 
 
 @dataclass

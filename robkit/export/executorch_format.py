@@ -37,15 +37,20 @@ def require_executorch() -> None:
 
 
 def xnnpack_quantizer(keep: Callable | None, qat: bool = False) -> Any:
-    """``XNNPACKQuantizer`` (symmetric, per-channel int8; with ``qat`` its fake-quantiser configuration);
-    ``keep`` is its node filter function.
+    """``XNNPACKQuantizer`` (symmetric, per-channel int8); ``keep`` is its node filter function. With
+    ``qat`` the same configuration as fake-quantisers (:func:`robkit.export.qat.fake_quant_config`:
+    histogram-calibrated activation ranges, as the PTQ path has them, rather than XNNPACK's own QAT
+    configuration, whose moving-average ranges depend on which calibration batch came first).
     """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
 
-    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+    from robkit.export.qat import fake_quant_config
+
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    q = XNNPACKQuantizer().set_global(fake_quant_config(config) if qat else config)
     if keep is not None:
         q.set_filter_function(keep)
     return q
@@ -136,10 +141,7 @@ class ExecuTorchBackend:
                 job.is_vit,
                 quantizer_factory=xnnpack_quantizer,
                 fold=True,
-                qat=job.qat,
-                qat_x=job.qat_x,
-                qat_state=job.qat_state,
-                qat_quantizer_factory=xnnpack_qat_quantizer,
+                qat=None if job.qat is None else job.qat.for_quantizer(xnnpack_qat_quantizer),
             )
             simulated = run_torch_batch1(gm, job.par_x)
             conversion = lower(gm, job.example, job.out)

@@ -28,7 +28,7 @@ from robkit.export.backends import ConvertJob, backend_for
 from robkit.export.images import load_images
 from robkit.export.int8 import SEARCH_IMAGES
 from robkit.export.parity import ParityError, ParityReport, compare
-from robkit.export.qat import QATSettings
+from robkit.export.qat import QATRun, QATSettings
 from robkit.export.targets import ExportTarget, TargetError, validate
 from robkit.export.wrappers import build_export_module, make_inputs
 from robkit.utils.constants import imagenet_normalization
@@ -122,7 +122,7 @@ def export_model(
             data or target.calibration["data"], target.calibration["split"], SEARCH_IMAGES, res, offset=cal_n
         )
         search_x = make_inputs(s_u8, target, mean, std)
-    qat_x, qat_state = None, None
+    qat_run = None
     if qat is not None:
         q_u8, _ = load_images(
             data or target.calibration["data"],
@@ -131,8 +131,7 @@ def export_model(
             res,
             offset=cal_n + SEARCH_IMAGES,
         )
-        qat_x = make_inputs(q_u8, target, mean, std)
-        qat_state = out.with_name(out.name + ".qat-state.pt")
+        qat_run = QATRun(qat, make_inputs(q_u8, target, mean, std), out.with_name(out.name + ".qat-state.pt"))
     example = par_x[:1]
     with torch.no_grad():
         reference = module(par_x)
@@ -191,9 +190,7 @@ def export_model(
             search_x=search_x,
             is_vit=is_vit,
             labels=labels,
-            qat=qat,
-            qat_x=qat_x,
-            qat_state=qat_state,
+            qat=qat_run,
         )
         converted = backend.convert(job)
         conversion, plan = converted.conversion, converted.plan
@@ -224,8 +221,8 @@ def export_model(
     else:
         card["status"] = "passed" if report.passed else "failed"
     card_path = cards.write_card(out, card)
-    if qat_state is not None:
-        qat_state.unlink(missing_ok=True)  # the file is written: nothing left to resume
+    if qat_run is not None and qat_run.state is not None:
+        qat_run.state.unlink(missing_ok=True)  # the file is written: nothing left to resume
     if card["conversion"]["parity_file_sha256"] != cards.sha256(out):
         raise RuntimeError(f"{out} changed after its parity run; this is a robkit bug")
     card = cards.read_card(out) or card

@@ -7,12 +7,11 @@ on training images that were not used for calibration.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from robkit.export.qat import QATSettings, qat_distill
+from robkit.export.qat import QATRun, qat_distill
 from robkit.export.quantize import (
     MixedPrecisionPlan,
     cosine,
@@ -79,10 +78,7 @@ def pt2e_static_int8(
     quantizer_factory: Callable | None = None,
     fold: bool = False,
     float_input: bool = False,
-    qat: QATSettings | None = None,
-    qat_x: torch.Tensor | None = None,
-    qat_state: Path | None = None,
-    qat_quantizer_factory: Callable | None = None,
+    qat: QATRun | None = None,
 ) -> tuple[MixedPrecisionPlan, Any, Any]:
     """PT2E static int8 (litert-torch's quantiser by default, XNNPACK's for ExecuTorch) with the units
     the sensitivity search keeps in float: ``(plan, quantised graph module, quantizer)``.
@@ -93,8 +89,8 @@ def pt2e_static_int8(
     calibration.  The returned graph is the chosen candidate itself, so the file is converted from
     exactly the model the search scored.
 
-    With ``qat`` the graph is the quantisation-aware-distilled one instead (trained on ``qat_x`` with
-    ``qat_quantizer_factory``'s fake-quantisers, scored on the same search images); when it meets the
+    With ``qat`` the graph is the quantisation-aware-distilled one instead (trained on ``qat.images``
+    with ``qat.quantizer_factory``'s fake-quantisers, scored on the same search images); when it meets the
     threshold with every module int8, as QAT is meant to make possible, no float fallback is searched.
     """
     from robkit.export import tflite_format as T
@@ -104,19 +100,19 @@ def pt2e_static_int8(
         keep = float_boundary(keep)
     qat_record = None
     if qat is not None:
-        if qat_x is None or qat_quantizer_factory is None:
-            raise ValueError("QAT needs its training images and the target's QAT quantiser")
+        if qat.quantizer_factory is None:
+            raise ValueError("QAT needs the target runtime's QAT quantiser (QATRun.for_quantizer)")
         gm, quantizer, result = qat_distill(
             module,
             example,
-            qat_x,
+            qat.images,
             search_x,
             keep=keep,
-            quantizer_factory=qat_quantizer_factory,
-            state=qat_state,
-            **qat.training_kwargs(),
+            quantizer_factory=qat.quantizer_factory,
+            settings=qat.settings,
+            state=qat.state,
         )
-        qat_record = {**qat.as_dict(), **result.as_dict(), "held_out": "search images"}
+        qat_record = {**qat.settings.as_dict(), **result.as_dict(), "held_out": "search images"}
     else:
         program = torch.export.export(module, (example,))
         gm, quantizer = T.pt2e_quantize(program, example, cal_x, keep, quantizer_factory=quantizer_factory)

@@ -10,11 +10,11 @@ written by the same converter as post-training int8, so parity is checked the sa
 
 Facts this follows:
 
-* litert-torch's QAT configuration uses ``FusedMovingAvgObsFakeQuantize``, which drops the
-  ``eps=2**-12`` its PTQ observers use (scales below it are what TFLite's converter refuses); the
-  configuration here keeps litert-torch's dtypes, ranges and schemes with the unfused
-  ``FakeQuantize``, which honours ``eps``;
-* activation ranges come from the observer litert-torch's post-training int8 uses
+* litert-torch's and XNNPACK's QAT configurations use ``FusedMovingAvgObsFakeQuantize``, which
+  drops the ``eps=2**-12`` their PTQ observers use (scales below it are what TFLite's converter
+  refuses); the configuration here (:func:`fake_quant_config`) keeps each runtime's PTQ dtypes,
+  ranges and schemes with the unfused ``FakeQuantize``, which honours ``eps``;
+* activation ranges come from the observer both runtimes' post-training int8 uses
   (``HistogramObserver``, which clips outliers to minimise the rounding error), fitted on
   calibration images and then fixed, so QAT starts where post-training int8 stands and training
   moves the weights and biases to that grid (moving-average min/max ranges started worse on trained
@@ -36,7 +36,7 @@ import copy
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robkit.engine.trainer import TrainingDiverged, _leaf_diff
-from robkit.utils.errors import ResumeMismatch
+from robkit.engine.trainer import TrainingDiverged
+from robkit.utils.errors import ResumeMismatch, leaf_diff
 from robkit.utils.files import atomic_save
 
 Tensor = torch.Tensor
@@ -84,9 +84,23 @@ class QATSettings:
         """The settings as the card records them."""
         return asdict(self)
 
-    def training_kwargs(self) -> dict[str, Any]:
-        """The keywords of :func:`qat_distill` these settings fix (``images`` is the caller's slice)."""
-        return {k: v for k, v in asdict(self).items() if k != "images"}
+
+@dataclass(frozen=True)
+class QATRun:
+    """One quantisation-aware distillation before an int8 conversion: its settings, its training
+    images (in the file's input format, after the calibration and search images), its resumable state
+    file, and the target runtime's fake-quantiser factory (``keep -> quantizer``), which the format's
+    converter fills in with :meth:`for_quantizer`.
+    """
+
+    settings: QATSettings
+    images: Tensor
+    state: Path | None = None
+    quantizer_factory: Callable[[Callable | None], Any] | None = None
+
+    def for_quantizer(self, factory: Callable[[Callable | None], Any]) -> QATRun:
+        """A copy of this run with the target runtime's QAT quantiser factory."""
+        return replace(self, quantizer_factory=factory)
 
 
 @dataclass
@@ -113,15 +127,18 @@ class QATResult:
         }
 
 
-def litert_qat_config() -> Any:
-    """litert-torch's symmetric per-channel static config, as fake-quantisers that keep ``eps``."""
-    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
-    from litert_torch.quantize.pt2e_quantizer_utils import QuantizationConfig
+def fake_quant_config(ptq: Any) -> Any:
+    """A runtime's post-training static config (litert-torch's or XNNPACK's ``QuantizationConfig``) as
+    QAT fake-quantisers: the same dtypes, ranges and schemes; activations observed by the PTQ
+    ``HistogramObserver`` (calibrated, then fixed by :func:`qat_distill`), weights by moving-average
+    per-channel min/max; both with the ``eps`` the PTQ observers use (2**-12 in both runtimes).
+    """
+    import dataclasses
+
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
     from torchao.quantization.pt2e.observer import HistogramObserver, MovingAveragePerChannelMinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
-    ptq = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
     a, w = ptq.input_activation, ptq.weight
     act = QuantizationSpec(
         dtype=a.dtype,
@@ -142,7 +159,14 @@ def litert_qat_config() -> Any:
             observer=MovingAveragePerChannelMinMaxObserver, eps=EPS
         ),
     )
-    return QuantizationConfig(act, act, weight, ptq.bias, ptq.fixed_qparams, True, False)
+    return dataclasses.replace(ptq, input_activation=act, output_activation=act, weight=weight, is_qat=True)
+
+
+def litert_qat_config() -> Any:
+    """litert-torch's symmetric per-channel static config, as fake-quantisers that keep ``eps``."""
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
+
+    return fake_quant_config(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
 
 
 def litert_qat_quantizer(keep: Callable | None = None) -> Any:
@@ -159,25 +183,12 @@ def _fake_quant_modules(gm: nn.Module) -> Iterator[Any]:
 
 
 def calibrate(gm: nn.Module, x: Tensor, batch_size: int) -> None:
-    """Observers see ``x`` before any weight moves. Histogram observers accumulate every batch;
-    moving-average ones (XNNPACK's QAT configuration) get the running mean of the batches' min/max
-    instead of their training constant (0.01), which would keep the first batch's extremes: on a few
-    batches those depend on which images came first (measured: held-out cosine 0.79 against 0.92 for
-    two slices of the same data).
+    """Observers see ``x`` before any weight moves: the activation histograms accumulate every batch
+    (the weight observers see the same, unchanged weights each time).
     """
-    observers = [
-        fq.activation_post_process
-        for fq in _fake_quant_modules(gm)
-        if hasattr(fq.activation_post_process, "averaging_constant")
-    ]
-    constants = [o.averaging_constant for o in observers]
     with torch.no_grad():
-        for k, i in enumerate(range(0, len(x), batch_size)):
-            for o in observers:
-                o.averaging_constant = 1.0 / (k + 1)
+        for i in range(0, len(x), batch_size):
             gm(x[i : i + batch_size])
-    for o, c in zip(observers, constants, strict=True):
-        o.averaging_constant = c
 
 
 def _is_histogram(observer: Any) -> bool:
@@ -211,7 +222,7 @@ def _read_state(path: str | os.PathLike, identity: dict[str, Any]) -> dict[str, 
     if not path.is_file():
         return None
     stored = safe_load(path)
-    changed = _leaf_diff(stored.get("identity", {}), identity)
+    changed = leaf_diff(stored.get("identity", {}), identity)
     if changed:
         raise ResumeMismatch(
             f"{path} holds the state of another QAT run; changed: {'; '.join(changed)}. "
@@ -250,18 +261,15 @@ def qat_distill(
     *,
     keep: Callable | None = None,
     quantizer_factory: Callable[[Callable | None], Any] = litert_qat_quantizer,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    observe_steps: int | None = None,
-    seed: int = 0,
+    settings: QATSettings | None = None,
     progress: bool = True,
     state: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.fx.GraphModule, Any, QATResult]:
     """Quantisation-aware distillation of ``module`` on ``train_x`` (inputs in the file's format):
-    ``(converted int8-simulated graph, quantizer, result)``.
+    ``(converted int8-simulated graph, quantizer, result)``; ``settings``: steps, batch size, learning
+    rate, observer steps, seed and checkpoint interval (default :class:`QATSettings`' defaults;
+    ``settings.images`` is the caller's business, ``train_x`` is already that slice).
 
     The converted graph goes to the same converters as a post-training one (e.g.
     :func:`robkit.export.tflite_format.convert_static_int8`). ``held_out_x``: images not trained on,
@@ -274,15 +282,13 @@ def qat_distill(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
     from tqdm import tqdm
 
-    if steps < 0 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"QAT needs steps >= 0, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
-    if checkpoint_every < 1:
-        raise ValueError(f"QAT checkpoint_every must be >= 1, got {checkpoint_every}")
+    s = settings if settings is not None else QATSettings()
+    steps, batch_size, lr = s.steps, s.batch_size, s.lr
     t0 = time.time()
     quantizer = quantizer_factory(keep)
     gm, reference = prepare_qat(module, example, quantizer)
-    observe = steps // 2 if observe_steps is None else observe_steps
-    g = torch.Generator().manual_seed(seed)
+    observe = steps // 2 if s.observe_steps is None else s.observe_steps
+    g = torch.Generator().manual_seed(s.seed)
     identity = {
         "version": STATE_VERSION,
         "module_sha256": _fingerprint(module.state_dict().values()),
@@ -292,7 +298,7 @@ def qat_distill(
         "batch_size": batch_size,
         "lr": lr,
         "observe_steps": observe,
-        "seed": seed,
+        "seed": s.seed,
         "quantizer": _quantizer_name(quantizer_factory),
     }
     result = QATResult(steps=steps, seconds=0.0, lr=lr)
@@ -365,7 +371,7 @@ def qat_distill(
         sched.step()
         result.losses.append(float(loss))
         bar.set_postfix(loss=f"{float(loss):.5f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == steps:
             save(step + 1)
         if on_step is not None:
             on_step(step)

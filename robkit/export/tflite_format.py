@@ -381,10 +381,7 @@ class TFLiteBackend:
                 job.search_x,
                 job.is_vit,
                 float_input=target.input_dtype == "float32",
-                qat=job.qat,
-                qat_x=job.qat_x,
-                qat_state=job.qat_state,
-                qat_quantizer_factory=litert_qat_quantizer,
+                qat=None if job.qat is None else job.qat.for_quantizer(litert_qat_quantizer),
             )
             simulated = run_torch_batch1(gm, job.par_x)
             convert_static_int8(gm, quantizer, job.example, out)
