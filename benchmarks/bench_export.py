@@ -26,12 +26,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import torch  # noqa: E402
+from export_rows import add_qat_args, export_row, float_units, qat_seconds, qat_settings  # noqa: E402
 
 from robkit.export import bench as B  # noqa: E402
-from robkit.export.exporter import export_model  # noqa: E402
 from robkit.export.images import load_images, reestimate_batchnorm  # noqa: E402
 from robkit.export.qat import QATSettings  # noqa: E402
-from robkit.export.targets import auto_candidates, get_target  # noqa: E402
+from robkit.export.targets import auto_candidates  # noqa: E402
 from robkit.export.wrappers import freeze_input_size  # noqa: E402
 from robkit.models.students import build_student  # noqa: E402
 
@@ -86,27 +86,15 @@ def bench_model(
     }
     runners, exported = [], {}
     for name in ROWS[arch]:
-        t0 = time.perf_counter()
-        target, _, mode = name.partition("+")
-        try:
-            r = export_model(
-                student,
-                get_target(target),
-                outdir / f"{arch}-{target}{'-qat' if mode else ''}",
-                meta=meta,
-                strict=False,
-                calibration_images=args_cal,
-                parity_images=64,
-                qat=qat if mode == "qat" else None,
-            )
-        except Exception as e:  # record and continue: one broken tool chain must not hide the others
-            print(f"  {arch} {name}: export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        r, seconds = export_row(
+            student, name, outdir / arch, meta, qat, calibration_images=args_cal, parity_images=64
+        )
+        if r is None:
             continue
         exported[name] = r
-        q = r.card.get("quantization") or {}
         print(
-            f"  {arch} {name}: {time.perf_counter() - t0:.0f} s, {r.parity.summary()}"
-            + (f", {len(q.get('float_layers', []))} float layers" if q else ""),
+            f"  {arch} {name}: {seconds:.0f} s, {r.parity.summary()}"
+            + (f", {float_units(r)} float layers" if r.card.get("quantization") else ""),
             flush=True,
         )
     macs = B.count_macs(freeze_input_size(student, res), torch.zeros(1, 3, res, res))
@@ -132,8 +120,8 @@ def bench_model(
             d.update(
                 target=name,
                 passed=e.passed,
-                float_layers=len((e.card.get("quantization") or {}).get("float_layers", [])),
-                qat_s=((e.card.get("quantization") or {}).get("qat") or {}).get("seconds"),
+                float_layers=float_units(e),
+                qat_s=qat_seconds(e),
                 top1=e.parity.top1_agreement,
                 vs_sim=(e.parity.vs_simulated or {}).get("cosine"),
             )
@@ -157,11 +145,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default="benchmarks/results/export")
-    ap.add_argument("--qat-steps", type=int, default=QATSettings.steps)
-    ap.add_argument("--qat-lr", type=float, default=QATSettings.lr)
-    ap.add_argument("--qat-batch-size", type=int, default=QATSettings.batch_size)
+    add_qat_args(ap)
     args = ap.parse_args()
-    qat = QATSettings(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch_size)
+    qat = qat_settings(args)
     logging.disable(logging.WARNING)
     threads = [int(t) for t in args.threads.split(",")]
     out = Path(args.out)

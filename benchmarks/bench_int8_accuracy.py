@@ -25,21 +25,20 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import torch  # noqa: E402
+from export_rows import add_qat_args, export_row, float_units, qat_seconds, qat_settings  # noqa: E402
 
 from robkit.evaluation.api import open_eval_splits  # noqa: E402
 from robkit.evaluation.features import extract_features  # noqa: E402
 from robkit.evaluation.knn import knn_accuracy  # noqa: E402
 from robkit.evaluation.linear import load_probe  # noqa: E402
-from robkit.export.exporter import export_model, time_files  # noqa: E402
+from robkit.export.exporter import time_files  # noqa: E402
 from robkit.export.filemodel import ExportedFileModel  # noqa: E402
 from robkit.export.qat import QATSettings  # noqa: E402
-from robkit.export.targets import get_target  # noqa: E402
 from robkit.models.checkpoint import load_student  # noqa: E402
 from robkit.utils.machine import cpu_name  # noqa: E402
 
@@ -90,22 +89,10 @@ def bench_run(
     print(f"{name}: pytorch fp32 kNN {base_knn:.4f} probe {base_probe}", flush=True)
     paths = []
     for t in targets:
-        t0 = time.perf_counter()
-        name_t, _, mode = t.partition("+")
-        try:
-            r = export_model(
-                student,
-                get_target(name_t),
-                tmp / f"{run.name}-{name_t}{'-qat' if mode else ''}",
-                meta=meta,
-                strict=False,
-                qat=qat if mode == "qat" else None,
-            )
-        except Exception as e:  # an optional runtime missing must not hide the other rows
-            print(f"  {t}: export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        r, seconds = export_row(student, t, tmp / run.name, meta, qat)
+        if r is None:
             continue
         (f_tr, _), (f_te, _) = embed(ExportedFileModel(r.path, threads=torch.get_num_threads()))
-        q = r.card.get("quantization") or {}
         paths.append(r.path)
         row = {
             "run": name,
@@ -114,9 +101,9 @@ def bench_run(
             "probe": _probe_top1(probe, f_te, y_te),
             "parity_cosine": r.parity.cosine,
             "passed": r.passed,
-            "float_layers": len(q.get("float_layers", [])),
-            "export_s": round(time.perf_counter() - t0, 1),
-            "qat_s": (q.get("qat") or {}).get("seconds"),
+            "float_layers": float_units(r),
+            "export_s": round(seconds, 1),
+            "qat_s": qat_seconds(r),
         }
         rows.append(row)
         print(
@@ -145,11 +132,9 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8-accuracy"))
     ap.add_argument("--threads", type=int, default=2, help="threads the files are timed at")
-    ap.add_argument("--qat-steps", type=int, default=QATSettings.steps)
-    ap.add_argument("--qat-lr", type=float, default=QATSettings.lr)
-    ap.add_argument("--qat-images", type=int, default=QATSettings.images)
+    add_qat_args(ap)
     args = ap.parse_args()
-    qat = QATSettings(steps=args.qat_steps, lr=args.qat_lr, images=args.qat_images)
+    qat = qat_settings(args)
     logging.disable(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
