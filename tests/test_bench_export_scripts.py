@@ -1,0 +1,50 @@
+"""The export benchmarks' shared rows (``benchmarks/export_rows.py``) and ``bench_qat_steps.py`` on a
+tiny student: the PTQ and QAT rows come out with the cosines the library itself reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from export_helpers import make_student, save_student_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import export_rows  # noqa: E402
+
+pytest.importorskip("litert_torch")
+
+
+def test_a_row_is_a_target_with_an_optional_qat_suffix():
+    assert export_rows.split_row("android-tflite-int8") == ("android-tflite-int8", False)
+    assert export_rows.split_row("android-tflite-int8+qat") == ("android-tflite-int8", True)
+    with pytest.raises(SystemExit, match=r"\+fast.*\+qat"):
+        export_rows.split_row("android-tflite-int8+fast")
+
+
+def test_a_row_that_fails_to_export_is_reported_and_skipped(tmp_path, capsys):
+    from robkit.export.qat import QATSettings
+
+    student = make_student("mobilenet_v3_small", images=32)
+    r, seconds = export_rows.export_row(student, "no-such-target", tmp_path / "m", {}, QATSettings())
+    assert r is None and seconds >= 0
+    assert "no-such-target: export failed" in capsys.readouterr().out
+
+
+def test_qat_steps_bench_reports_ptq_and_qat_cosines(tmp_path):
+    import bench_qat_steps
+
+    run = tmp_path / "run"
+    save_student_checkpoint(make_student("mobilenet_v3_small", images=64), run / "checkpoint.pt")
+    out = tmp_path / "out"
+    args = [str(run), "--grid", "1e-4:4", "--images", "64", "--batch-size", "8", "--calibration", "16"]
+    rows = bench_qat_steps.main(args + ["--held-out", "16", "--out", str(out)])
+    ptq, qat = rows
+    assert ptq["mode"] == "ptq" and 0 < ptq["cosine"] <= 1
+    assert qat["mode"] == "qat" and qat["steps"] == 4 and qat["lr"] == 1e-4
+    assert 0 < qat["cosine_start"] <= 1 and 0 < qat["cosine"] <= 1
+    assert qat["loss_first"] == pytest.approx(1 - qat["cosine_start"], abs=0.1)  # same distance, other images
+    stored = json.loads((out / "qat_steps.json").read_text())
+    assert stored["rows"] == rows and stored["machine"]["threads"] == 2
+    assert (out / "qat_steps.png").stat().st_size > 0 and "| qat |" in (out / "qat_steps.md").read_text()
