@@ -39,7 +39,7 @@ from robkit.data.datasets import fashion_mnist
 from robkit.engine.bn import precise_bn_from_dataset
 from robkit.engine.build import distill, pretrain
 from robkit.evaluation import evaluate
-from robkit.export.bench import cpu_name
+from robkit.utils.machine import cpu_features, cpu_name
 
 TRAIN_IMAGES = 60000
 BATCH = 256  # --batch-size sets it
@@ -215,7 +215,7 @@ def main() -> None:
     ev_kw = {"train_limit": args.eval_train, "test_limit": args.eval_test}
 
     def save(key: str, row: dict) -> None:
-        results[key] = {**row, "cpu": cpu_name(), "threads": args.threads}
+        results[key] = {**row, "cpu": cpu_name(), "cpu_features": cpu_features(), "threads": args.threads}
         res_path.write_text(json.dumps(results, indent=2))
         print(key, json.dumps(results[key]), flush=True)
 
