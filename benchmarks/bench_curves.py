@@ -19,7 +19,8 @@ calls as ``robkit eval``.  Rows:
     python benchmarks/bench_curves.py --budgets 2,5,10,25 --threads 2 --out benchmarks/results/curves
 
 Results are appended to ``OUT/results.json`` (finished pairs are skipped on a re-run) and
-plotted to ``OUT/curves.png``.  Settings are never chosen on these test-set figures.
+plotted to ``OUT/curves.png``; every row records the CPU and its vector features, and ``--tag``
+keeps the rows of another CPU class apart (``KEY@TAG``, its own curve).  Settings are never chosen on these test-set figures.
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ def lightly_dino(minutes: float, threads: int) -> tuple[torch.nn.Module, dict]:
     }
 
 
+def _tagged(key: str, tag: str) -> str:
+    return f"{key}@{tag}" if tag else key
+
+
 def _eval(model, **kw) -> dict:
     ev = evaluate(model, which=("knn", "linear"), progress=False, **kw)
     return {"knn": ev["knn"]["accuracy"], "linear": ev["linear"]["accuracy"]}
@@ -166,7 +171,8 @@ def plot(results: dict, path: Path) -> None:
         series: dict[str, list[tuple[float, float]]] = {}
         for r in results.values():
             if "minutes" in r:
-                series.setdefault(r["run"], []).append((r["minutes"], 100 * r[metric]))
+                name = r["run"] + (f" [{r['tag']}]" if r.get("tag") else "")
+                series.setdefault(name, []).append((r["minutes"], 100 * r[metric]))
         for name, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=name)
@@ -202,6 +208,11 @@ def main() -> None:
     ap.add_argument("--eval-train", type=int, default=None, help="train images for kNN/linear (default all)")
     ap.add_argument("--eval-test", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/curves")
+    ap.add_argument(
+        "--tag",
+        default="",
+        help="suffix for this run's keys (KEY@TAG), e.g. a CPU class, so rows of another machine sit beside them",
+    )
     args = ap.parse_args()
     global BATCH
     BATCH = args.batch_size
@@ -215,6 +226,8 @@ def main() -> None:
     ev_kw = {"train_limit": args.eval_train, "test_limit": args.eval_test}
 
     def save(key: str, row: dict) -> None:
+        if args.tag and "minutes" in row:
+            key, row = f"{key}@{args.tag}", {**row, "tag": args.tag}
         results[key] = {**row, "cpu": cpu_name(), "cpu_features": cpu_features(), "threads": args.threads}
         res_path.write_text(json.dumps(results, indent=2))
         print(key, json.dumps(results[key]), flush=True)
@@ -248,7 +261,7 @@ def main() -> None:
             if wanted is not None and name not in wanted and name.split(":")[0] not in wanted:
                 continue
             key = f"{name}-{minutes:g}min"
-            if key in results:
+            if _tagged(key, args.tag) in results:
                 continue
             if name.startswith("rob") and not teacher.exists():
                 print(
@@ -260,7 +273,7 @@ def main() -> None:
             save(key, {**row, **_eval(str(run / "checkpoint.pt"), **ev_kw)})
         if wanted is None or "lightly" in wanted:
             key = f"lightly-dino:mobilenet_v3_small-{minutes:g}min"
-            if key not in results:
+            if _tagged(key, args.tag) not in results:
                 net, info = lightly_dino(minutes, args.threads)
                 row = _eval(
                     net, resolution=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), **ev_kw
@@ -270,7 +283,7 @@ def main() -> None:
     print("\n| run | minutes | steps | kNN top-1 | linear top-1 |\n|---|---|---|---|---|")
     for key, r in results.items():
         print(
-            f"| {r.get('run', key)} | {r.get('minutes', '–')} | {r.get('steps', '–')} | {100 * r['knn']:.1f} | "
+            f"| {r.get('run', key)}{' @' + r['tag'] if r.get('tag') else ''} | {r.get('minutes', '–')} | {r.get('steps', '–')} | {100 * r['knn']:.1f} | "
             f"{100 * r['linear']:.1f} |"
             if "linear" in r
             else f"| {key} | – | – | {100 * r['knn']:.1f} | – |"
