@@ -251,6 +251,46 @@ def test_the_real_probe_times_both_and_leaves_the_network_untouched():
     assert torch.equal(rng, torch.random.get_rng_state())
 
 
+class _LayoutRecorder(torch.nn.Module):
+    """A conv that records, per probe leg, whether its weight and its input were channels_last
+    (in a class attribute: the probe times deep copies)."""
+
+    seen: set = set()
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        cl = torch.channels_last
+        leg = "bf16" if torch.is_autocast_enabled("cpu") else "fp32"
+        self.seen.add(
+            (leg, self.conv.weight.is_contiguous(memory_format=cl), x.is_contiguous(memory_format=cl))
+        )
+        return self.conv(x).mean((2, 3))
+
+
+def test_each_probe_leg_runs_in_the_layout_its_run_would_train_in():
+    """fp32 in channels_last against bf16 contiguous (a MobileNet's bf16 run): a contiguous network fed
+    channels_last inputs timed neither, and once made a MobileNet SwAV run pick bf16 at a third of the speed."""
+    from robkit.engine.tasks.base import Online
+
+    _LayoutRecorder.seen.clear()
+    online = Online(_LayoutRecorder(), torch.nn.Identity(), channels_last=True)
+    P.probe_cpu_precision(online, [8, 8], batch=2, channels_last=True, bf16_channels_last=False, rounds=1)
+    assert _LayoutRecorder.seen == {("fp32", True, True), ("bf16", False, False)}
+    assert online.channels_last and online.student.conv.weight.is_contiguous()  # the caller's net untouched
+
+
+def test_bf16_needs_a_clear_lead_over_fp32(monkeypatch):
+    """A tie within a short probe's noise stays fp32; a 5 % lead or more picks bf16."""
+    monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: True)
+    net = torch.nn.Linear(2, 2)
+    for fp32, want in ((0.0102, "fp32"), (0.0106, "bf16")):
+        monkeypatch.setattr(P, "probe_cpu_precision", lambda *a, t=fp32, **k: {"fp32": t, "bf16": 0.01})
+        assert P.choose_precision("auto", torch.device("cpu"), net, f"x{fp32}", [8])[0] == want
+
+
 class _ListInput(torch.nn.Module):
     def __init__(self, net):
         super().__init__()

@@ -3,7 +3,8 @@
 * CUDA: bf16 autocast where the GPU supports it, else fp16 with a loss scaler.
 * A CPU without native bf16 (no AVX512-BF16 / AMX-BF16): fp32, because bf16 is only emulated.
 * A CPU with native bf16: a short timed probe (forward + backward of the run's own student and
-  head on its own crop sizes, fp32 against bf16 autocast, interleaved) picks the faster one. No
+  head on its own crop sizes, fp32 against bf16 autocast, interleaved, each leg in the memory
+  layout the run would train it in) picks bf16 when it is at least 5 % faster, else fp32. No
   fixed rule held: on an AMD EPYC bf16 trained ResNet-18 faster and MobileNets slower, on an
   Intel Xeon with AMX ResNet-18 ran 25 % slower in bf16 than in fp32 (BENCHMARKS.md).
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from robkit.engine.hardware import cpu_has_fast_bf16, has_depthwise_conv, resolve_precision
+from robkit.engine.tasks.base import Online
 from robkit.utils.files import atomic_write_json, robkit_home, sha256_json
 from robkit.utils.machine import best_seconds, cpu_name
 
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 PROBE_ROUNDS = 2  # timed fp32/bf16 pairs after one warm-up each
 PROBE_BATCH = 8
+# bf16 is chosen only when the probe finds it at least this much faster: a tie within the noise
+# of a short probe stays in fp32, which loses no precision.
+BF16_MIN_SPEEDUP = 1.05
 
 
 def _cache_file() -> Path:
@@ -69,15 +74,19 @@ def probe_cpu_precision(
     ``bf16_channels_last`` (default: ``channels_last``) is the layout of the bf16 leg, which a
     run may train differently (:func:`channels_last_allowed`).
     """
-    net = copy.deepcopy(online).train()
     g = torch.Generator().manual_seed(0)
     plain = [torch.randn(batch, 3, s, s, generator=g) for s in crop_sizes]
-    nhwc = [v.contiguous(memory_format=torch.channels_last) for v in plain]
-    layout = {False: nhwc if channels_last else plain}
-    layout[True] = nhwc if (channels_last if bf16_channels_last is None else bf16_channels_last) else plain
+    cl = {False: channels_last, True: channels_last if bf16_channels_last is None else bf16_channels_last}
+    # Each leg runs on its own copy in the memory format the run would train it in: weights and
+    # inputs alike (a contiguous network fed channels_last inputs is neither layout's speed).
+    nets = {amp: _in_layout(copy.deepcopy(online).train(), cl[amp]) for amp in (False, True)}
+    inputs = {
+        amp: [v.contiguous(memory_format=torch.channels_last) for v in plain] if cl[amp] else plain
+        for amp in (False, True)
+    }
 
     def step(amp: bool) -> Callable[[], None]:
-        views = layout[amp]
+        views, net = inputs[amp], nets[amp]
 
         def run() -> None:
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -97,6 +106,16 @@ def probe_cpu_precision(
         fp32 = min(fp32, best_seconds(step(False), 1))
         bf16 = min(bf16, best_seconds(step(True), 1))
     return {"fp32": fp32, "bf16": bf16}
+
+
+def _in_layout(net: nn.Module, channels_last: bool) -> nn.Module:
+    """``net`` in the layout the trainer's set-up gives a run: its 4-d weights in channels_last or
+    not, and every :class:`Online` converting its inputs to match.
+    """
+    for m in net.modules():
+        if isinstance(m, Online):
+            m.channels_last = channels_last
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def channels_last_allowed(
@@ -167,7 +186,7 @@ def choose_precision(
     t = probe_cpu_precision(
         online, crop_sizes, batch=batch, channels_last=channels_last, bf16_channels_last=bf16_cl
     )
-    choice = "bf16" if t["bf16"] < t["fp32"] else "fp32"
+    choice = "bf16" if t["bf16"] * BF16_MIN_SPEEDUP <= t["fp32"] else "fp32"
     record = {**key_fields, "fp32_s": t["fp32"], "bf16_s": t["bf16"], "choice": choice}
     try:
         data = _read_cache(path)
