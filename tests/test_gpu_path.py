@@ -227,6 +227,7 @@ def test_auto_precision_probes_once_and_caches_the_faster(tmp_path, monkeypatch)
     (record,) = stored.values()
     assert (
         record["choice"] == "bf16"
+        and record["probe"] == P.PROBE_VERSION  # a changed probe method does not reuse old choices
         and record["cpu"] == P.cpu_name()
         and record["student"] == "mobilenet_v3_small"
     )

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 PROBE_ROUNDS = 2  # timed fp32/bf16 pairs after one warm-up each
 PROBE_BATCH = 8
+# Part of the cache key: a probe whose method changed is not trusted from the cache (2: each leg in
+# its run's memory layout; version 1 timed a contiguous network on channels_last inputs).
+PROBE_VERSION = 2
 # bf16 is chosen only when the probe finds it at least this much faster: a tie within the noise
 # of a short probe stays in fp32, which loses no precision.
 BF16_MIN_SPEEDUP = 1.05
@@ -170,6 +173,7 @@ def choose_precision(
         "batch": batch,
         "channels_last": channels_last,
         "bf16_channels_last": bf16_cl,
+        "probe": PROBE_VERSION,
     }
     key = sha256_json(key_fields)[:16]
     path = cache or _cache_file()
