@@ -82,7 +82,7 @@ def probe_cpu_precision(
     cl = {False: channels_last, True: channels_last if bf16_channels_last is None else bf16_channels_last}
     # Each leg runs on its own copy in the memory format the run would train it in: weights and
     # inputs alike (a contiguous network fed channels_last inputs is neither layout's speed).
-    nets = {amp: _in_layout(copy.deepcopy(online).train(), cl[amp]) for amp in (False, True)}
+    nets = {amp: apply_layout(copy.deepcopy(online).train(), cl[amp]) for amp in (False, True)}
     inputs = {
         amp: [v.contiguous(memory_format=torch.channels_last) for v in plain] if cl[amp] else plain
         for amp in (False, True)
@@ -111,7 +111,7 @@ def probe_cpu_precision(
     return {"fp32": fp32, "bf16": bf16}
 
 
-def _in_layout(net: nn.Module, channels_last: bool) -> nn.Module:
+def apply_layout(net: nn.Module, channels_last: bool) -> nn.Module:
     """``net`` in the layout the trainer's set-up gives a run: its 4-d weights in channels_last or
     not, and every :class:`Online` converting its inputs to match.
     """

@@ -31,11 +31,11 @@ from robkit.data.views import MultiCropViews
 from robkit.engine.bn import PRECISE_BN_IMAGES, has_batchnorm, precise_bn_from_dataset
 from robkit.engine.hardware import autocast_dtype, usable_cores
 from robkit.engine.optim import build_optimizer, param_groups
-from robkit.engine.precision import channels_last_allowed, choose_precision
+from robkit.engine.precision import apply_layout, channels_last_allowed, choose_precision
 from robkit.engine.recipe import EMASpec, OptimSpec
 from robkit.engine.runlog import RunLog
 from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
-from robkit.engine.tasks import Online, Task
+from robkit.engine.tasks import Task
 from robkit.models.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.utils import distributed as dist_utils
 from robkit.utils.errors import RecipeError, ResumeMismatch, RobkitError, leaf_diff
@@ -284,11 +284,7 @@ class Trainer:
         )
         if why_not:
             log.info("%s", why_not)
-        for m in task.modules():  # the online network and its momentum copies convert their inputs
-            if isinstance(m, Online):
-                m.channels_last = self.channels_last
-        if self.channels_last:
-            task.to(memory_format=torch.channels_last)
+        apply_layout(task, self.channels_last)  # the online network and its momentum copies alike
         if self.opts.compile:
             task.online.student.compile()
         if self.world > 1:
