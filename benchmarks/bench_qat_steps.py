@@ -7,7 +7,8 @@ the fp32 module by mean cosine on held-out *training* images, never the test set
 
 * PTQ: the runtime's post-training static int8, calibrated on the first calibration images;
 * QAT start: the fake-quantised graph after calibration only (histogram activation ranges);
-* QAT: after ``robkit export --qat``'s distillation for each ``LR:STEPS`` of ``--grid``.
+* QAT: after ``robkit export --qat``'s distillation for each ``LR:STEPS[:RANGE_LR]`` of ``--grid``
+  (``RANGE_LR``: the activation ranges' learning rate, default ``--range-lr``; 0 keeps them fixed).
 
 ``--target`` picks the runtime's quantiser (litert-torch for TFLite, XNNPACK for ExecuTorch). Results
 go to ``OUT/qat_steps.json`` and ``.md`` and a plot of cosine against steps, ``OUT/qat_steps.png``.
@@ -77,8 +78,12 @@ def bench_run(run: Path, args: argparse.Namespace) -> list[dict]:
     print(f"{name}: PTQ all-int8 cosine {ptq_cos:.4f}", flush=True)
     rows = [{"run": name, "target": args.target, "mode": "ptq", "cosine": ptq_cos}]
     for spec in args.grid.split(","):
-        lr, steps = float(spec.split(":")[0]), int(spec.split(":")[1])
-        settings = QATSettings(steps=steps, lr=lr, batch_size=args.batch_size, images=args.images)
+        parts = spec.split(":")
+        lr, steps = float(parts[0]), int(parts[1])
+        range_lr = float(parts[2]) if len(parts) > 2 else args.range_lr
+        settings = QATSettings(
+            steps=steps, lr=lr, batch_size=args.batch_size, images=args.images, range_lr=range_lr
+        )
         t0 = time.perf_counter()
         _, _, r = qat_distill(
             module,
@@ -94,6 +99,7 @@ def bench_run(run: Path, args: argparse.Namespace) -> list[dict]:
             "target": args.target,
             "mode": "qat",
             "lr": lr,
+            "range_lr": range_lr,
             "steps": steps,
             "cosine_start": r.cosine_before,
             "cosine": r.cosine_after,
@@ -103,7 +109,7 @@ def bench_run(run: Path, args: argparse.Namespace) -> list[dict]:
         }
         rows.append(row)
         print(
-            f"  QAT lr {lr:g} {steps} steps: cosine {r.cosine_before:.4f} -> {r.cosine_after:.4f}, "
+            f"  QAT lr {lr:g} range lr {range_lr:g} {steps} steps: cosine {r.cosine_before:.4f} -> {r.cosine_after:.4f}, "
             f"{row['seconds']} s",
             flush=True,
         )
@@ -120,11 +126,16 @@ def plot(rows: list[dict], path: Path) -> None:
     for run in dict.fromkeys(r["run"] for r in rows):
         ptq = [r for r in rows if r["run"] == run and r["mode"] == "ptq"]
         qat = [r for r in rows if r["run"] == run and r["mode"] == "qat"]
-        for lr in sorted({r["lr"] for r in qat}):
-            pts = sorted((r["steps"], r["cosine"]) for r in qat if r["lr"] == lr)
+        for lr, rlr in sorted({(r["lr"], r.get("range_lr", 0.0)) for r in qat}):
+            pts = sorted(
+                (r["steps"], r["cosine"]) for r in qat if (r["lr"], r.get("range_lr", 0.0)) == (lr, rlr)
+            )
             start = qat[0]["cosine_start"]
             ax.plot(
-                [0] + [p[0] for p in pts], [start] + [p[1] for p in pts], marker="o", label=f"QAT lr {lr:g}"
+                [0] + [p[0] for p in pts],
+                [start] + [p[1] for p in pts],
+                marker="o",
+                label=f"QAT lr {lr:g}, range lr {rlr:g}",
             )
         if ptq:
             ax.axhline(ptq[0]["cosine"], ls="--", color="grey", lw=0.8, label="PTQ")
@@ -145,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--grid", default="1e-4:300,1e-4:1000,3e-4:1000", help="LR:STEPS, comma-separated")
     ap.add_argument("--images", type=int, default=QATSettings.images, help="QAT training images")
     ap.add_argument("--batch-size", type=int, default=QATSettings.batch_size)
+    ap.add_argument("--range-lr", type=float, default=QATSettings.range_lr, help="activation-range lr")
     ap.add_argument(
         "--calibration", type=int, default=64, help="PTQ calibration images (robkit export's default)"
     )
@@ -159,13 +171,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     machine = {"cpu": cpu_name(), "cpu_features": cpu_features(), "threads": args.threads}
     (args.out / "qat_steps.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     lines = [
-        "| run | target | mode | lr | steps | cosine start | cosine | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | target | mode | lr | range lr | steps | cosine start | cosine | s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         start = "-" if r.get("cosine_start") is None else f"{r['cosine_start']:.4f}"
         lines.append(
-            f"| {r['run']} | {r['target']} | {r['mode']} | {r.get('lr', '-')} | {r.get('steps', '-')} | {start} "
+            f"| {r['run']} | {r['target']} | {r['mode']} | {r.get('lr', '-')} | {r.get('range_lr', '-')} "
+            f"| {r.get('steps', '-')} | {start} "
             f"| {r['cosine']:.4f} | {r.get('seconds', '-')} |"
         )
     lines.append(

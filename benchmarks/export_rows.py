@@ -25,16 +25,22 @@ def split_row(row: str) -> tuple[str, bool]:
 
 
 def add_qat_args(ap: argparse.ArgumentParser) -> None:
-    """``--qat-steps/--qat-lr/--qat-images/--qat-batch-size``, defaulting to ``robkit export --qat``'s."""
+    """``--qat-steps/--qat-lr/--qat-images/--qat-batch-size/--qat-range-lr``, defaulting to
+    ``robkit export --qat``'s."""
     ap.add_argument("--qat-steps", type=int, default=QATSettings.steps)
     ap.add_argument("--qat-lr", type=float, default=QATSettings.lr)
     ap.add_argument("--qat-images", type=int, default=QATSettings.images)
     ap.add_argument("--qat-batch-size", type=int, default=QATSettings.batch_size)
+    ap.add_argument("--qat-range-lr", type=float, default=QATSettings.range_lr)
 
 
 def qat_settings(args: argparse.Namespace) -> QATSettings:
     return QATSettings(
-        steps=args.qat_steps, lr=args.qat_lr, images=args.qat_images, batch_size=args.qat_batch_size
+        steps=args.qat_steps,
+        lr=args.qat_lr,
+        images=args.qat_images,
+        batch_size=args.qat_batch_size,
+        range_lr=args.qat_range_lr,
     )
 
 

@@ -38,11 +38,12 @@ def test_qat_steps_bench_reports_ptq_and_qat_cosines(tmp_path):
     run = tmp_path / "run"
     save_student_checkpoint(make_student("mobilenet_v3_small", images=64), run / "checkpoint.pt")
     out = tmp_path / "out"
-    args = [str(run), "--grid", "1e-4:4", "--images", "64", "--batch-size", "8", "--calibration", "16"]
+    args = [str(run), "--grid", "1e-4:4,1e-4:4:0", "--images", "64", "--batch-size", "8", "--calibration", "16"]
     rows = bench_qat_steps.main(args + ["--held-out", "16", "--out", str(out)])
-    ptq, qat = rows
+    ptq, qat, fixed = rows
     assert ptq["mode"] == "ptq" and 0 < ptq["cosine"] <= 1
     assert qat["mode"] == "qat" and qat["steps"] == 4 and qat["lr"] == 1e-4
+    assert qat["range_lr"] == 1e-3 and fixed["range_lr"] == 0.0  # the default, and a grid entry's own
     assert 0 < qat["cosine_start"] <= 1 and 0 < qat["cosine"] <= 1
     assert qat["loss_first"] == pytest.approx(1 - qat["cosine_start"], abs=0.1)  # same distance, other images
     stored = json.loads((out / "qat_steps.json").read_text())

@@ -194,3 +194,54 @@ def test_qat_is_refused_for_targets_it_does_not_train_for(tmp_path):
     assert r.exit_code != 0
     assert "onnx-int8-cpu" in r.output and "android-tflite-int8" in r.output
     assert "Traceback" not in r.output
+
+
+def _activation_scales(gm) -> list[float]:
+    """The per-tensor activation scales of a converted (int8-simulated) graph, in graph order."""
+    return [
+        float(n.args[1])
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and "quantize_per_tensor" in str(n.target)
+        and "dequantize" not in str(n.target)
+    ]
+
+
+def test_activation_ranges_are_learned_from_the_calibrated_start_or_kept_fixed(setup):
+    """``range_lr > 0``: the activation scales of the converted graph move away from the calibrated ones
+    and stay at or above the runtimes' smallest scale; ``range_lr = 0``: they are exactly the calibrated
+    ones."""
+    from robkit.export.qat import EPS, QATSettings, qat_distill
+
+    _, module, train_x, held_x = setup
+
+    def scales(steps: int, range_lr: float) -> list[float]:
+        settings = QATSettings(steps=steps, batch_size=16, lr=1e-4, range_lr=range_lr)
+        gm, _, _ = qat_distill(module, held_x[:1], train_x, settings=settings, progress=False)
+        return _activation_scales(gm)
+
+    start = scales(0, 0.0)
+    assert len(start) > 50  # every activation of a MobileNetV3-Small is int8
+    assert scales(8, 0.0) == start
+    learned = scales(8, 1e-3)
+    assert len(learned) == len(start)
+    moved = sum(abs(a - b) > 1e-6 * b for a, b in zip(learned, start))
+    assert moved > len(start) // 2, (moved, len(start))
+    assert min(learned) >= EPS
+
+
+def test_calibration_puts_small_images_in_one_observer_call():
+    from robkit.export.qat import calibrate
+
+    calls = []
+    model = torch.nn.Identity()
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    calibrate(model, torch.zeros(1024, 3, 32, 32))
+    assert calls == [1024]
+    calls.clear()
+    calibrate(model, torch.zeros(64, 3, 224, 224))
+    assert calls == [20, 20, 20, 4]  # 1024 * 32 * 32 pixels per call
+    with pytest.raises(ValueError, match=r"range_lr must be >= 0.*got -0.1"):
+        from robkit.export.qat import QATSettings
+
+        QATSettings(range_lr=-0.1)

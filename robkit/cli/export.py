@@ -57,6 +57,13 @@ if TYPE_CHECKING:
 )
 @click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--qat-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--qat-range-lr",
+    type=click.FloatRange(min=0),
+    default=1e-3,
+    show_default=True,
+    help="Learning rate of the activation ranges during QAT (0: keep the calibrated ranges).",
+)
 def export(
     checkpoint: str,
     fmt: str | None,
@@ -75,6 +82,7 @@ def export(
     qat_images: int,
     qat_lr: float,
     qat_batch_size: int,
+    qat_range_lr: float,
 ) -> None:
     """Convert a student CHECKPOINT to a mobile file, check parity, write its card.
 
@@ -113,7 +121,13 @@ def export(
             data=data,
             calibration_images=calibration_images,
             parity_images=parity_images,
-            qat=QATSettings(steps=qat_steps, images=qat_images, lr=qat_lr, batch_size=qat_batch_size)
+            qat=QATSettings(
+                steps=qat_steps,
+                images=qat_images,
+                lr=qat_lr,
+                batch_size=qat_batch_size,
+                range_lr=qat_range_lr,
+            )
             if qat
             else None,
         )
