@@ -38,7 +38,17 @@ def test_qat_steps_bench_reports_ptq_and_qat_cosines(tmp_path):
     run = tmp_path / "run"
     save_student_checkpoint(make_student("mobilenet_v3_small", images=64), run / "checkpoint.pt")
     out = tmp_path / "out"
-    args = [str(run), "--grid", "1e-4:4,1e-4:4:0", "--images", "64", "--batch-size", "8", "--calibration", "16"]
+    args = [
+        str(run),
+        "--grid",
+        "1e-4:4,1e-4:4:0",
+        "--images",
+        "64",
+        "--batch-size",
+        "8",
+        "--calibration",
+        "16",
+    ]
     rows = bench_qat_steps.main(args + ["--held-out", "16", "--out", str(out)])
     ptq, qat, fixed = rows
     assert ptq["mode"] == "ptq" and 0 < ptq["cosine"] <= 1
