@@ -39,6 +39,7 @@ and names what changed.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -139,6 +140,7 @@ class QATResult:
         }
 
 
+@functools.cache
 def _range_fake_quantize() -> Any:
     """The learnable-range fake-quantiser: torchao's ``LearnableFakeQuantize`` (LSQ) with the runtimes'
     smallest scale, ``EPS``, as the floor its scales are clamped to (its own floor is float32's machine
@@ -146,25 +148,18 @@ def _range_fake_quantize() -> Any:
     """
     from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
 
-    global _RangeFakeQuantize
-    if _RangeFakeQuantize is None:
+    class RangeFakeQuantize(LearnableFakeQuantize):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.eps.fill_(EPS)
 
-        class RangeFakeQuantize(LearnableFakeQuantize):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                self.eps.fill_(EPS)
+        def clamp_(self) -> None:
+            """Keep the learned range one the runtime accepts: scale >= eps, zero point in range."""
+            if self.scale is not None and self.zero_point is not None:
+                self.scale.data.clamp_(min=EPS)
+                self.zero_point.data.clamp_(self.quant_min, self.quant_max)
 
-            def clamp_(self) -> None:
-                """Keep the learned range one the runtime accepts: scale >= eps, zero point in range."""
-                if self.scale is not None and self.zero_point is not None:
-                    self.scale.data.clamp_(min=EPS)
-                    self.zero_point.data.clamp_(self.quant_min, self.quant_max)
-
-        _RangeFakeQuantize = RangeFakeQuantize
-    return _RangeFakeQuantize
-
-
-_RangeFakeQuantize: Any = None
+    return RangeFakeQuantize
 
 
 def fake_quant_config(ptq: Any) -> Any:
