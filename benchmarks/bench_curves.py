@@ -39,6 +39,7 @@ import torch
 from robkit.data.datasets import fashion_mnist
 from robkit.engine.bn import precise_bn_from_dataset
 from robkit.engine.build import distill, pretrain
+from robkit.engine.config import deep_merge, parse_overrides
 from robkit.evaluation import evaluate
 from robkit.utils.machine import cpu_features, cpu_name
 
@@ -204,6 +205,18 @@ def main() -> None:
         help="pretrain recipe (sslight: the -small records; dino-sslight-short for DINO runs of a few hundred steps)",
     )
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the robkit SSL runs (repeatable), e.g. head.out_dim=1024; needs --variant",
+    )
+    ap.add_argument(
+        "--variant",
+        default="",
+        help="name of the --set overrides: the runs become METHOD:STUDENT+VARIANT, their own rows and curves",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-train", type=int, default=None, help="train images for kNN/linear (default all)")
     ap.add_argument("--eval-test", type=int, default=None)
@@ -214,6 +227,9 @@ def main() -> None:
         help="suffix for this run's keys (KEY@TAG), e.g. a CPU class, so rows of another machine sit beside them",
     )
     args = ap.parse_args()
+    if bool(args.set) != bool(args.variant):
+        ap.error("--set and --variant go together: name the overrides so their rows stay apart")
+    overrides = parse_overrides(args.set)
     global BATCH
     BATCH = args.batch_size
     torch.set_num_threads(args.threads)
@@ -242,12 +258,20 @@ def main() -> None:
     def ssl_fn(method: str, student: str):
         def fn(d, ov, images, **eng):
             return pretrain(
-                method, student, args.recipe, out=d, overrides=ov, data_limit=images, **_quiet(), **eng
+                method,
+                student,
+                args.recipe,
+                out=d,
+                overrides=deep_merge(overrides, ov),
+                data_limit=images,
+                **_quiet(),
+                **eng,
             )
 
         return fn
 
-    runs = [(f"{m}:{s}", ssl_fn(m, s)) for m, s in SSL_RUNS]
+    suffix = f"+{args.variant}" if args.variant else ""
+    runs = [(f"{m}:{s}{suffix}", ssl_fn(m, s)) for m, s in SSL_RUNS]
     teacher = out / f"dino:resnet18-{max(budgets):g}min" / "checkpoint.pt"
 
     def rob_fn(d, ov, images, **eng):
@@ -258,7 +282,11 @@ def main() -> None:
     runs.append(("rob:mobilenet_v3_small", rob_fn))
     for minutes in sorted(budgets):
         for name, fn in runs:
-            if wanted is not None and name not in wanted and name.split(":")[0] not in wanted:
+            if (
+                wanted is not None
+                and name.removesuffix(suffix) not in wanted
+                and name.split(":")[0] not in wanted
+            ):
                 continue
             key = f"{name}-{minutes:g}min"
             if _tagged(key, args.tag) in results:
@@ -270,6 +298,8 @@ def main() -> None:
                 continue
             run, info = run_budgeted(fn, minutes, out / key)
             row = {"run": name, "minutes": minutes, "recipe": args.recipe, "batch": BATCH, **info}
+            if args.set:
+                row["overrides"] = args.set
             save(key, {**row, **_eval(str(run / "checkpoint.pt"), **ev_kw)})
         if wanted is None or "lightly" in wanted:
             key = f"lightly-dino:mobilenet_v3_small-{minutes:g}min"
