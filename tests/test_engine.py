@@ -167,6 +167,34 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), f"{k} differs between DDP and one process"
 
 
+@pytest.mark.parametrize(
+    "method,prefix", [("dino", "online.head.last_layer"), ("swav", "online.head.prototypes")]
+)
+def test_a_one_epoch_run_freezes_the_head_for_half_of_it_not_all(tmp_path, method, prefix):
+    """The recipes freeze DINO's last layer / SwAV's prototypes for 1 epoch; in a 1-epoch run (4 steps)
+    the freeze is capped at half the run, so the first 2 steps keep them and the last 2 train them
+    (uncapped, all 4 would keep them)."""
+    ov = {**TINY, "train": {**TINY["train"], "epochs": 1}, "optim": {"warmup_epochs": 0.25}}
+    if method == "swav":
+        ov = {**ov, "head": {"hidden_dim": 32, "out_dim": 16, "n_prototypes": 24}}
+
+    def head(steps):
+        _run(tmp_path, f"{method}{steps}", method=method, overrides=ov, engine={"max_steps": steps})
+        w = _weights(tmp_path / f"{method}{steps}")
+        return {k: v for k, v in w.items() if k.startswith(prefix)}
+
+    def moved(a, b):
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    # from step 1: SwAV's first step puts its prototypes on the sphere (re-normalising them later moves
+    # them by rounding only); LARS steps are small, so "trained" is measured against that rounding
+    one, two, four = head(1), head(2), head(4)
+    assert one
+    kept, trained = moved(one, two), moved(two, four)
+    assert kept <= 1e-6, kept
+    assert trained > 100 * max(kept, 1e-9), (kept, trained)
+
+
 def test_fractional_freeze_of_the_last_layer_follows_the_step(tmp_path):
     """Short budgets freeze DINO's last layer for a fraction of an epoch: the engine passes
     fractional epochs, so with 4 steps per epoch and 0.5 epochs the first 2 steps keep it."""

@@ -86,6 +86,30 @@ def _required(recipe: Recipe, section: str, value: Any, field: str) -> Any:
     return value
 
 
+FREEZE_SHARE = 0.5  # the most of a run that a head freeze may take, as for the LR warm-up
+
+
+def short_run_freeze(freeze_epochs: float, run_epochs: int, what: str) -> float:
+    """``freeze_epochs`` capped at :data:`FREEZE_SHARE` of the run.
+
+    DINO freezes its last layer, and SwAV its prototypes, for the first epoch of runs of 100 epochs or
+    more; a one-epoch run (a short budget) would keep them frozen all along, so the head would never
+    learn its prototypes.  As the LR warm-up (half the run at most) and the teacher-temperature
+    warm-up (the run at most), the freeze is shortened, and the log says so.
+    """
+    cap = FREEZE_SHARE * run_epochs
+    if freeze_epochs > cap:
+        log.info(
+            "%s frozen for %g of the run's %d epochs, not %g (short run)",
+            what,
+            cap,
+            run_epochs,
+            freeze_epochs,
+        )
+        return cap
+    return freeze_epochs
+
+
 def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_last: bool) -> Task:
     """DINO, SwAV or MoCo-v2* with the recipe's head and loss keywords."""
     v, head_spec, loss_spec = recipe.views, recipe.head, recipe.loss
@@ -111,7 +135,9 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
             cast(DINOHead, head),
             loss,
             n_global=n_global,
-            freeze_last_layer_epochs=recipe.optim.freeze_last_layer_epochs,
+            freeze_last_layer_epochs=short_run_freeze(
+                recipe.optim.freeze_last_layer_epochs, epochs, "DINO's last layer"
+            ),
             channels_last=channels_last,
         )
     if isinstance(loss_spec, SwAVLossSpec):
@@ -125,9 +151,8 @@ def build_pretrain_task(method: str, student: Student, recipe: Recipe, channels_
             n_local=n_local,
             **dataclasses.asdict(loss_spec),
         )
-        return SwAVTask(
-            student, cast(SwAVHead, head), loss, recipe.optim.freeze_prototypes_epochs, channels_last
-        )
+        freeze = short_run_freeze(recipe.optim.freeze_prototypes_epochs, epochs, "SwAV's prototypes")
+        return SwAVTask(student, cast(SwAVHead, head), loss, freeze, channels_last)
     if isinstance(loss_spec, MoCoLossSpec):
         from robkit.objectives.mocov2 import MoCoV2Loss
 
