@@ -51,6 +51,26 @@ def save_student_checkpoint(student, path, arch: str = "mobilenet_v3_small", **f
     return atomic_save(make_checkpoint(**record), path)
 
 
+def trained_student(steps: int = 60):
+    """A MobileNetV3-Small trained for a few supervised steps on Fashion-MNIST (32 px), BatchNorm then
+    re-estimated: structured features in seconds, which int8 keeps at cosine ~0.997 with every module
+    int8 (PTQ and QAT alike), as a file an app ships."""
+    student = make_student("mobilenet_v3_small", images=128)
+    u8, labels = load_images("fashion-mnist", "train", 2048, 32, offset=30000)
+    x, y = normalised(u8), torch.as_tensor(labels)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(student(x[:2]).shape[1], 10)
+    opt = torch.optim.Adam([*student.parameters(), *head.parameters()], lr=2e-3)
+    student.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(head(student(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return reestimate_batchnorm(student, x[:256]).eval()
+
+
 def cos(a, b) -> float:
     """Mean row cosine, computed independently of robkit's parity code."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()

@@ -6,37 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import cos, make_student
+from export_helpers import cos, make_student, trained_student
 
 from robkit.export.images import load_images
 from robkit.export.targets import get_target
 from robkit.export.wrappers import build_export_module, make_inputs
 
 pytest.importorskip("litert_torch")
-
-
-def trained_student(steps: int = 60):
-    """A MobileNetV3-Small trained for a few supervised steps on Fashion-MNIST (32 px), BatchNorm then
-    re-estimated: structured features in seconds, which int8 keeps at cosine ~0.997 with every module
-    int8 (PTQ and QAT alike), as a file an app ships."""
-    from export_helpers import normalised
-
-    from robkit.export.images import reestimate_batchnorm
-
-    student = make_student("mobilenet_v3_small", images=128)
-    u8, labels = load_images("fashion-mnist", "train", 2048, 32, offset=30000)
-    x, y = normalised(u8), torch.as_tensor(labels)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(student(x[:2]).shape[1], 10)
-    opt = torch.optim.Adam([*student.parameters(), *head.parameters()], lr=2e-3)
-    student.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (64,))
-        loss = torch.nn.functional.cross_entropy(head(student(x[idx])), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return reestimate_batchnorm(student, x[:256]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +71,34 @@ def test_qat_is_at_least_as_close_to_fp32_as_ptq_on_held_out_images(setup, tmp_p
     assert cos(qat_got, ref[:16]) >= cos(ptq_got, ref[:16])
     types = T.weight_types(qat_path)
     assert types.get("int8", 0) > 0 and types.get("float32", 0) == 0, types
+
+
+def test_a_qat_graph_worse_than_post_training_int8_is_not_the_file(setup):
+    """When QAT ends below PTQ (here: a learning rate that wrecks the weights), the post-training graph is
+    planned too and becomes the file; the record keeps both plans and says which graph won."""
+    from robkit.export import tflite_format as T
+    from robkit.export.int8 import chosen_cosine, pt2e_static_int8
+    from robkit.export.qat import QATRun, QATSettings, litert_qat_quantizer
+
+    target, module, train_x, held_x = setup
+    search_x, cal_x = held_x[:32], train_x[:64]
+    with torch.no_grad():
+        ref = module(search_x)
+    wrecked = QATRun(QATSettings(steps=12, batch_size=16, lr=0.5), train_x[64:256])
+    plan, gm, _ = pt2e_static_int8(
+        module, target, held_x[:1], cal_x, search_x, False, qat=wrecked.for_quantizer(litert_qat_quantizer)
+    )
+    rec = plan.qat
+    assert rec["graph"] == "ptq", rec
+    assert (rec["ptq_plan"]["met"], -rec["ptq_plan"]["float_layers"], rec["ptq_plan"]["cosine"]) > (
+        rec["qat_plan"]["met"],
+        -rec["qat_plan"]["float_layers"],
+        rec["qat_plan"]["cosine"],
+    )
+    assert rec["cosine_after"] < rec["cosine_before"]  # QAT did make it worse
+    # the returned graph is the post-training candidate the plan scored
+    assert cos(T.run_torch_batch1(gm, search_x), ref) == pytest.approx(chosen_cosine(plan), abs=1e-4)
+    assert chosen_cosine(plan) == pytest.approx(rec["ptq_plan"]["cosine"])
 
 
 def test_bad_settings_are_refused():
@@ -177,8 +181,9 @@ def test_export_qat_from_the_cli_writes_an_all_int8_file_and_records_qat(trained
     assert 0 < qat["cosine_before"] <= 1 and 0 < qat["cosine_after"] <= 1
     assert "quantisation-aware" in card["conversion"]["quantizer"]
     assert not (tmp_path / "qat.tflite.qat-state.pt").exists()
-    if not card["quantization"]["float_layers"]:  # QAT met the threshold: no float search ran
+    if not card["quantization"]["float_layers"]:  # QAT met the threshold: no float search, no PTQ graph
         assert len(card["quantization"]["search"]) == 1
+        assert qat["graph"] == "qat" and "ptq_plan" not in qat
     assert card["parity"]["cosine"] >= 0.98
     assert card["parity"]["vs_simulated"]["cosine"] > 0.99  # the file computes what the QAT graph computes
     assert T.weight_types(out).get("int8", 0) > 0

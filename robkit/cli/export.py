@@ -169,6 +169,12 @@ def _summary(res: ExportResult, skipped: list[str]) -> None:
                 f"  qat      {a['steps']} steps in {a['seconds']:.0f} s: cosine to fp32 on held-out training "
                 f"images {a['cosine_before']:.4f} (calibrated) -> {a['cosine_after']:.4f}"
             )
+            if a.get("graph") == "ptq":
+                qp, pp = a["qat_plan"], a["ptq_plan"]
+                click.echo(
+                    f"           QAT fell short ({qp['float_layers']} float, cosine {qp['cosine']:.4f}); the "
+                    f"post-training graph is the file ({pp['float_layers']} float, cosine {pp['cosine']:.4f})"
+                )
     if skipped:
         click.echo(f"  auto     skipped {', '.join(skipped)} (parity or availability)")
     auto = card.get("auto")

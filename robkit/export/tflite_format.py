@@ -386,7 +386,9 @@ class TFLiteBackend:
             simulated = run_torch_batch1(gm, job.par_x)
             convert_static_int8(gm, quantizer, job.example, out)
             conversion["quantizer"] = "litert-torch PT2E (static, per-channel)" + (
-                ", quantisation-aware distilled" if job.qat is not None else ""
+                ", quantisation-aware distilled"
+                if plan.qat is not None and plan.qat["graph"] == "qat"
+                else ""
             )
         runner = TFLiteRunner(out, threads=torch.get_num_threads())
         conversion["ops"] = op_counts(out)
