@@ -31,6 +31,7 @@ from robkit.engine.recipe import (
     SwAVLossSpec,
     parse_recipe,
 )
+from robkit.engine.schedules import SHORT_RUN_SHARE
 from robkit.engine.tasks import (
     DINOTask,
     FeatureDistillTask,
@@ -86,18 +87,15 @@ def _required(recipe: Recipe, section: str, value: Any, field: str) -> Any:
     return value
 
 
-FREEZE_SHARE = 0.5  # the most of a run that a head freeze may take, as for the LR warm-up
-
-
 def short_run_freeze(freeze_epochs: float, run_epochs: int, what: str) -> float:
-    """``freeze_epochs`` capped at :data:`FREEZE_SHARE` of the run.
+    """``freeze_epochs`` capped at :data:`~robkit.engine.schedules.SHORT_RUN_SHARE` of the run.
 
     DINO freezes its last layer, and SwAV its prototypes, for the first epoch of runs of 100 epochs or
     more; a one-epoch run (a short budget) would keep them frozen all along, so the head would never
     learn its prototypes.  As the LR warm-up (half the run at most) and the teacher-temperature
     warm-up (the run at most), the freeze is shortened, and the log says so.
     """
-    cap = FREEZE_SHARE * run_epochs
+    cap = SHORT_RUN_SHARE * run_epochs
     if freeze_epochs > cap:
         log.info(
             "%s frozen for %g of the run's %d epochs, not %g (short run)",

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+SHORT_RUN_SHARE = 0.5  # the most of a run that an LR warm-up or a head freeze may take (short runs)
+
 
 def lr_for_batch(base_lr: float, batch_size: int) -> float:
     """Linear scaling rule (Goyal et al. 2017), as DINO and SSLight: ``base_lr * batch / 256``.

@@ -34,7 +34,13 @@ from robkit.engine.optim import build_optimizer, param_groups
 from robkit.engine.precision import apply_layout, channels_last_allowed, choose_precision
 from robkit.engine.recipe import EMASpec, OptimSpec
 from robkit.engine.runlog import RunLog
-from robkit.engine.schedules import clip_gradients, cosine_schedule, lr_for_batch, min_lr_for_batch
+from robkit.engine.schedules import (
+    SHORT_RUN_SHARE,
+    clip_gradients,
+    cosine_schedule,
+    lr_for_batch,
+    min_lr_for_batch,
+)
 from robkit.engine.tasks import Task
 from robkit.models.checkpoint import atomic_save, make_checkpoint, safe_load
 from robkit.utils import distributed as dist_utils
@@ -313,7 +319,7 @@ class Trainer:
             ),
         )
         spe, total = self.steps_per_epoch, self.total_steps
-        warm = min(int(round(cfg.warmup_epochs * spe)), total // 2)  # short runs: half at most
+        warm = min(int(round(cfg.warmup_epochs * spe)), int(total * SHORT_RUN_SHARE))  # short runs
         self.lr_sched = cosine_schedule(
             base_lr,
             min_lr_for_batch(cfg.min_lr, self.opts.batch_size, cfg.min_lr_batch),
