@@ -8,7 +8,8 @@ test): DINO's weighted kNN (k=20, T=0.07) and a linear probe (BN + linear, 100 e
 calls as ``robkit eval``.  Rows:
 
 * SSLight DINO, SwAV and MoCo-v2 (``--recipe sslight``) on ``mobilenet_v3_small`` and ``resnet18``;
-* RoB into ``mobilenet_v3_small`` from the ResNet-18 SSLight DINO run of the largest budget;
+* RoB into ``mobilenet_v3_small`` from the ResNet-18 SSLight DINO run of the largest budget, or
+  from any robkit checkpoint with a head (``--rob-teacher``);
 * the untrained network of each architecture (``robkit eval ... --untrained``) and raw pixels;
 * lightly's DINO example with a MobileNetV3-Small (``examples/pytorch/dino.py`` settings:
   ``DINOProjectionHead(576, 512, 64, 1024)``, ``DINOLoss(output_dim=1024,
@@ -217,6 +218,13 @@ def main() -> None:
         default="",
         help="name of the --set overrides: the runs become METHOD:STUDENT+VARIANT, their own rows and curves",
     )
+    ap.add_argument(
+        "--rob-teacher",
+        default="",
+        metavar="CHECKPOINT",
+        help="the RoB row's teacher: a robkit checkpoint with a DINO or SwAV head (default: this run's "
+        "dino:resnet18 checkpoint of the largest budget); its rows become rob:mobilenet_v3_small+from-DIR",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-train", type=int, default=None, help="train images for kNN/linear (default all)")
     ap.add_argument("--eval-test", type=int, default=None)
@@ -272,14 +280,19 @@ def main() -> None:
 
     suffix = f"+{args.variant}" if args.variant else ""
     runs = [(f"{m}:{s}{suffix}", ssl_fn(m, s)) for m, s in SSL_RUNS]
-    teacher = out / f"dino:resnet18-{max(budgets):g}min" / "checkpoint.pt"
+    teacher = (
+        Path(args.rob_teacher)
+        if args.rob_teacher
+        else out / f"dino:resnet18-{max(budgets):g}min" / "checkpoint.pt"
+    )
+    rob_name = "rob:mobilenet_v3_small" + (f"+from-{teacher.parent.name}" if args.rob_teacher else "")
 
     def rob_fn(d, ov, images, **eng):
         return distill(
             str(teacher), "mobilenet_v3_small", out=d, overrides=ov, data_limit=images, **_quiet(), **eng
         )
 
-    runs.append(("rob:mobilenet_v3_small", rob_fn))
+    runs.append((rob_name, rob_fn))
     for minutes in sorted(budgets):
         for name, fn in runs:
             if (
@@ -293,7 +306,8 @@ def main() -> None:
                 continue
             if name.startswith("rob") and not teacher.exists():
                 print(
-                    f"{key}: skipped, no teacher at {teacher} (run dino:resnet18 at {max(budgets):g} min first)"
+                    f"{key}: skipped, no teacher at {teacher} "
+                    f"(run dino:resnet18 at {max(budgets):g} min first, or name one with --rob-teacher)"
                 )
                 continue
             run, info = run_budgeted(fn, minutes, out / key)
