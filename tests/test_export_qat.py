@@ -242,10 +242,10 @@ def test_calibration_puts_small_images_in_one_observer_call():
     model = torch.nn.Identity()
     model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     calibrate(model, torch.zeros(1024, 3, 32, 32))
-    assert calls == [1024]
+    assert calls == [1024, 1024]  # the range pass, then the observing pass
     calls.clear()
     calibrate(model, torch.zeros(64, 3, 224, 224))
-    assert calls == [20, 20, 20, 4]  # 1024 * 32 * 32 pixels per call
+    assert calls == [20, 20, 20, 4] * 2  # 1024 * 32 * 32 pixels per call, in each pass
     with pytest.raises(ValueError, match=r"range_lr must be >= 0.*got -0.1"):
         from robkit.export.qat import QATSettings
 

@@ -223,11 +223,11 @@ def calibrate(gm: nn.Module, x: Tensor, batch_size: int | None = None) -> None:
     ``CALIBRATION_PIXELS`` allows, so 32 px images go in one call): the activation histograms
     accumulate every call (the weight observers see the same, unchanged weights each time).
     """
+    from robkit.export.quantize import calibrate_histograms
+
     if batch_size is None:
         batch_size = max(1, CALIBRATION_PIXELS // max(1, x.shape[-1] * x.shape[-2]))
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            gm(x[i : i + batch_size])
+    calibrate_histograms(gm, [x[i : i + batch_size] for i in range(0, len(x), batch_size)])
 
 
 def _range_modules(gm: nn.Module) -> list[Any]:

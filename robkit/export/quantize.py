@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,3 +366,73 @@ def fold_weight_quantization(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def copy_program_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """A private, mutable copy of an exported program's module (PT2E preparation edits it in place)."""
     return copy.deepcopy(program.module())
+
+
+@torch.no_grad()
+def calibrate_histograms(gm: nn.Module, batches: Sequence[torch.Tensor]) -> int:
+    """Run ``gm``'s observers over ``batches`` with every histogram's range fixed first; returns how
+    many histogram observers were primed.
+
+    A ``HistogramObserver`` re-bins its whole histogram whenever a call widens its range (torchao's
+    ``_combine_histograms`` spreads each old bin over the new ones), so when calibration images come
+    one (or a few) at a time, as PT2E post-training int8 feeds them at batch 1 and 224 px QAT in
+    slices, the histogram its clipping search works on depends on the order and the split of the
+    calls. Here calibration runs twice: a float pass (every fake-quantiser and histogram observer
+    replaced by the identity that records its input's min and max) fixes each histogram's range to
+    the global one, then the observing pass counts every value into bins that no longer move, so one
+    call or many give the same post-training histograms. QAT's fake-quantisers observe with
+    fake-quantisation on, so there a layer's histogram still sees its inputs rounded by the ranges
+    known so far (observing float activations instead started the demo student's QAT at held-out
+    cosine 0.952 against 0.977, and ended 300 steps at 0.977 against 0.989).
+
+    Measured (all-int8 post-training cosine on held-out training images, 64 calibration images): an
+    untrained MobileNetV3-Large at 224 px 0.878 -> 0.897, an untrained MobileNetV3-Small at 32 px
+    0.829 -> 0.838; trained 32 px students are unchanged (the demo's RoB student 0.972 -> 0.972).
+    The demo student's drop with 256 calibration images (0.934) is not a re-binning effect: it stays.
+    """
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recorder(obs: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            lo, hi = torch.aminmax(x.detach().float())
+            if id(obs) in seen:
+                lo, hi = torch.minimum(lo, seen[id(obs)][0]), torch.maximum(hi, seen[id(obs)][1])
+            seen[id(obs)] = (lo, hi)
+            return x
+
+        return forward
+
+    fakes = [m for m in gm.modules() if isinstance(m, FakeQuantizeBase)]
+    owned = {id(fq.activation_post_process) for fq in fakes}
+    hists = [m for m in gm.modules() if isinstance(m, HistogramObserver)]
+    patched: list[nn.Module] = []
+    for fq in fakes:  # float pass: the fake-quantiser is the identity (and records, if it holds a histogram)
+        obs = fq.activation_post_process
+        fq.forward = recorder(obs) if isinstance(obs, HistogramObserver) else (lambda x: x)
+        patched.append(fq)
+    for obs in hists:
+        if id(obs) not in owned:  # a post-training observer sits in the graph itself
+            obs.forward = recorder(obs)
+            patched.append(obs)
+    try:
+        for x in batches:
+            gm(x)
+    finally:
+        for m in patched:
+            del m.forward  # the instance attribute goes; the class's forward is back
+    primed = 0
+    for obs in hists:
+        if id(obs) not in seen:
+            continue
+        lo, hi = seen[id(obs)]
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)) or float(lo) >= float(hi):
+            continue  # a constant or non-finite tensor: left to the observer as before
+        obs.reset_histogram(torch.stack([lo, hi]), lo, hi)
+        obs.histogram.zero_()  # the range is set; the two priming values are not counted
+        primed += 1
+    for x in batches:  # QAT's fake-quantisers observe with fake-quantisation on, as they train
+        gm(x)
+    return primed

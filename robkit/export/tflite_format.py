@@ -99,7 +99,8 @@ def pt2e_quantize(
     quantizer_factory: Callable | None = None,
     fold_quantize: bool = False,
 ) -> tuple[torch.fx.GraphModule, Any]:
-    """Prepare, calibrate (one image at a time) and convert: ``(quantised torch model, quantizer)``.
+    """Prepare, calibrate (one image at a time, histogram ranges fixed first:
+    :func:`robkit.export.quantize.calibrate_histograms`) and convert: ``(quantised torch model, quantizer)``.
 
     The returned model is the quantise-simulated PyTorch model the exported file is compared with.
     litert-torch wants the weight quantisation unfolded (``fold_quantize=False``); ExecuTorch's
@@ -107,7 +108,7 @@ def pt2e_quantize(
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from robkit.export.quantize import copy_program_module
+    from robkit.export.quantize import calibrate_histograms, copy_program_module
 
     quantizer = (quantizer_factory or _filtered_quantizer)(keep)
     if isinstance(module, torch.export.ExportedProgram):  # exported once, re-used by every search step
@@ -115,9 +116,7 @@ def pt2e_quantize(
     else:
         gm = torch.export.export(module.eval(), (example,)).module()
     gm = prepare_pt2e(gm, quantizer)
-    with torch.no_grad():
-        for i in range(len(calib)):
-            gm(calib[i : i + 1])
+    calibrate_histograms(gm, [calib[i : i + 1] for i in range(len(calib))])  # the graph is fixed at batch 1
     gm = convert_pt2e(gm, fold_quantize=fold_quantize)
     gm.training = False  # exported in eval mode already; the flag only drives converter warnings
     return gm, quantizer
