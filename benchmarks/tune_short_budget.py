@@ -96,7 +96,8 @@ if a.method == "rob":
         like = zoo.load(a.teacher_inputs_from)
         tch.resolution, tch.mean, tch.std = like.resolution, like.mean, like.std
     fam = B.teacher_head_family(tch)
-    cfg = B.resolve_config("rob", a.student, f"rob-{fam}", ov, True)
+    recipe = a.recipe if a.recipe.startswith("rob-") else f"rob-{fam}"  # e.g. --recipe rob-dino-short
+    cfg = B.resolve_config("rob", a.student, recipe, ov, True)
     torch.manual_seed(0)
     net = build_student(a.student)
     task = B.build_rob_task(tch, fam, net, cfg, channels_last=True)
