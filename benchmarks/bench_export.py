@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import torch  # noqa: E402
-from export_rows import add_qat_args, export_row, float_units, qat_seconds, qat_settings  # noqa: E402
+from export_rows import add_qat_args, export_row, float_units, qat_graph, qat_seconds, qat_settings  # noqa: E402
 
 from robkit.export import bench as B  # noqa: E402
 from robkit.export.images import load_images, reestimate_batchnorm  # noqa: E402
@@ -122,6 +122,7 @@ def bench_model(
                 passed=e.passed,
                 float_layers=float_units(e),
                 qat_s=qat_seconds(e),
+                qat_graph=qat_graph(e),
                 top1=e.parity.top1_agreement,
                 vs_sim=(e.parity.vs_simulated or {}).get("cosine"),
             )
@@ -136,6 +137,13 @@ def default_choice(arch: str, rows: list[dict], t: int) -> dict | None:
             if r.get("target") == name and r["threads"] == t and r.get("passed"):
                 return r
     return None
+
+
+def _qat_cell(r: dict) -> str:
+    """QAT seconds, and the graph the file holds when the post-training plan won."""
+    if not r.get("qat_s"):
+        return "-"
+    return f"{r['qat_s']}" + (" (PTQ graph kept)" if r.get("qat_graph") == "ptq" else "")
 
 
 def main() -> None:
@@ -174,7 +182,7 @@ def main() -> None:
             f"({100 * (r['peak_fraction'] or 0):.0f} %) | "
             f"{'-' if r['parity_cosine'] is None else format(r['parity_cosine'], '.4f')} | "
             f"{'-' if r.get('top1') is None else format(r['top1'], '.3f')} | {r.get('float_layers', '-')} | "
-            f"{'-' if 'passed' not in r else ('met' if r['passed'] else 'FAILED')} | {r.get('qat_s') or '-'} |"
+            f"{'-' if 'passed' not in r else ('met' if r['passed'] else 'FAILED')} | {_qat_cell(r)} |"
         )
     lines.append("")
     for arch in args.models.split(","):

@@ -74,3 +74,8 @@ def float_units(r: ExportResult) -> int:
 def qat_seconds(r: ExportResult) -> float | None:
     """Wall time of the file's quantisation-aware distillation, if it had one."""
     return ((r.card.get("quantization") or {}).get("qat") or {}).get("seconds")
+
+
+def qat_graph(r: ExportResult) -> str | None:
+    """Which graph a ``--qat`` file holds: ``qat``, or ``ptq`` where the post-training plan won."""
+    return ((r.card.get("quantization") or {}).get("qat") or {}).get("graph")

@@ -23,6 +23,20 @@ def test_a_row_is_a_target_with_an_optional_qat_suffix():
         export_rows.split_row("android-tflite-int8+fast")
 
 
+def test_a_qat_row_names_the_graph_its_file_holds():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_export
+
+    kept = SimpleNamespace(card={"quantization": {"qat": {"seconds": 12.5, "graph": "ptq"}}})
+    assert export_rows.qat_graph(kept) == "ptq" and export_rows.qat_seconds(kept) == 12.5
+    assert export_rows.qat_graph(SimpleNamespace(card={"quantization": {}})) is None
+    assert bench_export._qat_cell({"qat_s": 12.5, "qat_graph": "ptq"}) == "12.5 (PTQ graph kept)"
+    assert bench_export._qat_cell({"qat_s": 12.5, "qat_graph": "qat"}) == "12.5"
+    assert bench_export._qat_cell({"qat_s": None}) == "-"
+
+
 def test_a_row_that_fails_to_export_is_reported_and_skipped(tmp_path, capsys):
     from robkit.export.qat import QATSettings
 
