@@ -71,11 +71,16 @@ def float_units(r: ExportResult) -> int:
     return len((r.card.get("quantization") or {}).get("float_layers", []))
 
 
+def _qat_card(r: ExportResult) -> dict[str, Any]:
+    """The card's record of the file's quantisation-aware distillation (empty without one)."""
+    return (r.card.get("quantization") or {}).get("qat") or {}
+
+
 def qat_seconds(r: ExportResult) -> float | None:
     """Wall time of the file's quantisation-aware distillation, if it had one."""
-    return ((r.card.get("quantization") or {}).get("qat") or {}).get("seconds")
+    return _qat_card(r).get("seconds")
 
 
 def qat_graph(r: ExportResult) -> str | None:
     """Which graph a ``--qat`` file holds: ``qat``, or ``ptq`` where the post-training plan won."""
-    return ((r.card.get("quantization") or {}).get("qat") or {}).get("graph")
+    return _qat_card(r).get("graph")

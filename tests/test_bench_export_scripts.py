@@ -26,8 +26,7 @@ def test_a_row_is_a_target_with_an_optional_qat_suffix():
 def test_a_qat_row_names_the_graph_its_file_holds():
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_export
+    import bench_export  # benchmarks/ is on the path (above)
 
     kept = SimpleNamespace(card={"quantization": {"qat": {"seconds": 12.5, "graph": "ptq"}}})
     assert export_rows.qat_graph(kept) == "ptq" and export_rows.qat_seconds(kept) == 12.5
