@@ -133,6 +133,46 @@ def test_distill_from_a_headless_dinov2_file(tmp_path, student, patch_weight):
     assert net(torch.randn(2, 3, 32, 32)).shape[1] == build_student(student).embed_dim
 
 
+def test_a_robkit_checkpoint_without_prototypes_is_distilled_by_its_backbone_features(tmp_path):
+    """A MoCo-v2 run has a projector, not prototypes: as a teacher it is its student backbone, headless,
+    with the embedding ``robkit eval`` scores as its target; ``--recipe auto`` picks feature distillation.
+    """
+    from robkit.engine.build import pretrain
+    from robkit.teachers.backbone import BackboneTeacher
+
+    _, moco = pretrain(
+        method="mocov2",
+        student="mobilenet_v3_small",
+        data="fashion-mnist",
+        data_limit=32,
+        out=tmp_path / "moco",
+        overrides={k: v for k, v in TINY.items() if k != "rob"},
+        **ENGINE,
+    )
+    path = moco / "checkpoint.pt"
+    t = teachers.load(str(path))
+    assert isinstance(t, BackboneTeacher) and teacher_head_family(t) == "features"
+    assert t.embed_dim == 576 and t.resolution == 32 and t.arch["head"] == "MLPHead"
+    net, _ = load_student(path)
+    x = torch.randn(3, 3, 32, 32)
+    out = t(x)
+    emb, fmap = net.eval().forward_map(x)
+    torch.testing.assert_close(out.features, emb)  # the very embedding the kNN and linear probes score
+    torch.testing.assert_close(out.patch_features, fmap.flatten(2).transpose(1, 2))
+    metrics, run = distill(
+        str(path),
+        student="mobilenet_v3_small",
+        data="fashion-mnist",
+        data_limit=32,
+        out=tmp_path / "student",
+        overrides=TINY,
+        **ENGINE,
+    )
+    ckpt = safe_load(run / "checkpoint.pt")
+    assert metrics["finished"] and ckpt["config"]["name"] == "rob-features-small"
+    assert ckpt["head"]["kwargs"]["out_dim"] == 576
+
+
 def test_cached_targets_give_the_online_run_for_a_headless_teacher(tmp_path):
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(D.official_state(), path)

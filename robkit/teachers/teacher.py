@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 
 from robkit.models import heads as heads_mod
+from robkit.teachers.backbone import BackboneTeacher
 from robkit.teachers.layouts import StateDict, TeacherSpec, backbone_dim
 from robkit.teachers.resnet_wide import WideResNet
 from robkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -360,20 +361,62 @@ _EMBED_MODES = {("ibot", "vit"): "vit_tokens", ("ibot", "swin"): "swin_tokens"}
 _METHOD_TEMPERATURE = {"dino": 0.07, "ibot": 0.07, "msn": 0.025, "swav": 0.03}
 
 
+PROTOTYPE_HEADS = (heads_mod.DINOHead, heads_mod.SwAVHead, heads_mod.MSNHead)  # iBOTHead is a DINOHead
+
+
+class StudentFeatures(nn.Module):
+    """A robkit student as a headless backbone: ``forward_features`` gives its pooled embedding (the
+    one ``robkit eval`` scores) as ``x_norm_clstoken`` and the map it pools as patch tokens ``[B, h*w, D]``.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.embed_dim = int(cast(Any, student).embed_dim)
+        self.patch_size = getattr(student, "patch_size", None) or 32
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x_norm_clstoken`` ``[B, D]`` and ``x_norm_patchtokens`` ``[B, h*w, D]``."""
+        emb, fmap = cast(Any, self.student).forward_map(x)
+        return {"x_norm_clstoken": emb, "x_norm_patchtokens": fmap.flatten(2).transpose(1, 2)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding."""
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
 def teacher_from_robkit(
     ckpt: dict[str, Any], *, name: str, sha256: str | None = None, source: str | None = None
-) -> Teacher:
-    """A robkit checkpoint (``robkit pretrain`` / ``robkit distill``) with its head as a teacher."""
+) -> Teacher | BackboneTeacher:
+    """A robkit checkpoint (``robkit pretrain`` / ``robkit distill``) as a teacher.
+
+    With a prototype head (DINO, iBOT, MSN, SwAV) it is a :class:`Teacher` that RoB distils. Without
+    one (MoCo-v2's projector, or no head record) it is a headless :class:`BackboneTeacher` of the
+    student's backbone, which ``--recipe auto`` distils by features (``rob-features``).
+    """
     from robkit.models.checkpoint import load_student
 
     student, head, meta = load_student(ckpt, with_head=True)
-    if head is None:
-        raise TeacherLoadError(
-            f"{name}: this robkit checkpoint has no head record, so it has no prototypes to distil from"
-        )
-    method = str(meta.get("method", ""))
-    temp = next((t for k, t in _METHOD_TEMPERATURE.items() if k in method.lower()), 0.07)
     norm = meta.get("normalization") or {}
+    method = str(meta.get("method", ""))
+    if not isinstance(head, PROTOTYPE_HEADS):
+        return BackboneTeacher(
+            StudentFeatures(student),
+            name=name,
+            family="robkit",
+            arch={
+                "type": "robkit",
+                "student": ckpt["student"]["arch"],
+                "head": type(head).__name__ if head is not None else None,
+                **ckpt["student"].get("kwargs", {}),
+            },
+            resolution=int(meta.get("resolution") or 224),
+            mean=tuple(norm.get("mean", IMAGENET_MEAN)),
+            std=tuple(norm.get("std", IMAGENET_STD)),
+            sha256=sha256,
+            source=source or "",
+        )
+    temp = next((t for k, t in _METHOD_TEMPERATURE.items() if k in method.lower()), 0.07)
     is_vit = bool(getattr(student, "is_vit", False))
     tokens = is_vit and isinstance(head, heads_mod.iBOTHead)
     return Teacher(
