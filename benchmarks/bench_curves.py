@@ -9,7 +9,8 @@ calls as ``robkit eval``.  Rows:
 
 * SSLight DINO, SwAV and MoCo-v2 (``--recipe sslight``) on ``mobilenet_v3_small`` and ``resnet18``;
 * RoB into ``mobilenet_v3_small`` from the ResNet-18 SSLight DINO run of the largest budget, or
-  from any robkit checkpoint with a head (``--rob-teacher``);
+  from any robkit checkpoint (``--rob-teacher``; one without prototypes, such as a MoCo-v2 run, is
+  feature-distilled by ``rob-features-small``: the row records the recipe);
 * the untrained network of each architecture (``robkit eval ... --untrained``) and raw pixels;
 * lightly's DINO example with a MobileNetV3-Small (``examples/pytorch/dino.py`` settings:
   ``DINOProjectionHead(576, 512, 64, 1024)``, ``DINOLoss(output_dim=1024,
@@ -42,6 +43,7 @@ from robkit.engine.bn import precise_bn_from_dataset
 from robkit.engine.build import distill, pretrain
 from robkit.engine.config import deep_merge, parse_overrides
 from robkit.evaluation import evaluate
+from robkit.models.checkpoint import safe_load
 from robkit.utils.machine import cpu_features, cpu_name
 
 TRAIN_IMAGES = 60000
@@ -252,7 +254,7 @@ def main() -> None:
         "--rob-teacher",
         default="",
         metavar="CHECKPOINT",
-        help="the RoB row's teacher: a robkit checkpoint with a DINO or SwAV head (default: this run's "
+        help="the RoB row's teacher: a robkit checkpoint, with a DINO or SwAV head or feature-distilled (default: this run's "
         "dino:resnet18 checkpoint of the largest budget); its rows become rob:mobilenet_v3_small+from-DIR",
     )
     ap.add_argument("--threads", type=int, default=2)
@@ -341,7 +343,10 @@ def main() -> None:
                 )
                 continue
             run, info = run_budgeted(fn, minutes, out / key)
-            row = {"run": name, "minutes": minutes, "recipe": args.recipe, "batch": BATCH, **info}
+            recipe = (
+                safe_load(run / "checkpoint.pt")["config"]["name"] if name.startswith("rob") else args.recipe
+            )
+            row = {"run": name, "minutes": minutes, "recipe": recipe, "batch": BATCH, **info}
             if args.set:
                 row["overrides"] = args.set
             save(key, {**row, **_eval(str(run / "checkpoint.pt"), **ev_kw)})
