@@ -399,17 +399,13 @@ def teacher_from_robkit(
     student, head, meta = load_student(ckpt, with_head=True)
     norm = meta.get("normalization") or {}
     method = str(meta.get("method", ""))
+    arch = {"type": "robkit", "student": ckpt["student"]["arch"], **ckpt["student"].get("kwargs", {})}
     if not isinstance(head, PROTOTYPE_HEADS):
         return BackboneTeacher(
             StudentFeatures(student),
             name=name,
             family="robkit",
-            arch={
-                "type": "robkit",
-                "student": ckpt["student"]["arch"],
-                "head": type(head).__name__ if head is not None else None,
-                **ckpt["student"].get("kwargs", {}),
-            },
+            arch={**arch, "head": type(head).__name__ if head is not None else None},
             resolution=int(meta.get("resolution") or 224),
             mean=tuple(norm.get("mean", IMAGENET_MEAN)),
             std=tuple(norm.get("std", IMAGENET_STD)),
@@ -424,7 +420,7 @@ def teacher_from_robkit(
         head,
         name=name,
         family="robkit",
-        arch={"type": "robkit", "student": ckpt["student"]["arch"], **ckpt["student"].get("kwargs", {})},
+        arch=arch,
         embed_dim=int(student.embed_dim),
         mean=tuple(norm.get("mean", IMAGENET_MEAN)),
         std=tuple(norm.get("std", IMAGENET_STD)),
