@@ -25,6 +25,7 @@ ap.add_argument("--untrained", type=float, required=True, help="kNN %% of the un
 ap.add_argument(
     "--seconds-per-step", type=float, default=0.41, help="idle 2-core cost of one step, for the top axis"
 )
+ap.add_argument("--demo-steps", type=int, default=160, help="teacher steps of `robkit demo --budget small`")
 a = ap.parse_args()
 rows = [json.loads(line) for line in (a.folder / "results.jsonl").read_text().splitlines() if line.strip()]
 
@@ -46,6 +47,7 @@ for r in other:
     ax.annotate(label, (r["steps"], 100 * r["student"]), fontsize=6)
 ax.axhline(a.untrained, color="k", lw=1, label="untrained ResNet-18")
 ax.axhline(a.untrained + 3, color="tab:red", lw=1, ls=":", label="target: untrained + 3")
+ax.axvline(a.demo_steps, color="tab:green", lw=1, ls="-.", label=f"the demo's teacher ({a.demo_steps} steps)")
 ax.set_xlabel("training steps (batch 64)")
 ax.set_ylabel("kNN top-1 % (held-out train images)")
 sec = ax.secondary_xaxis(

@@ -144,6 +144,16 @@ if rows:
     r["loss_curve"] = [round(L[i], 3) for i in range(0, len(L), max(1, len(L) // 8))]
 print(json.dumps(r))
 open(f"{a.out}/results.jsonl", "a").write(
-    json.dumps({**r, "set": a.set, "method": a.method, "arch": a.student, "recipe": a.recipe, "bs": bs})
+    json.dumps(
+        {
+            **r,
+            "set": a.set,
+            "method": a.method,
+            "arch": a.student,
+            "recipe": a.recipe,
+            "bs": bs,
+            "epochs": a.epochs,
+        }
+    )
     + "\n"
 )
