@@ -101,6 +101,34 @@ def _learning_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# Steps of batch 64 the demo's teacher recipe (dino-sslight-short, ResNet-18) needed to clear its
+# +3 kNN target on held-out training images: BENCHMARKS.md, "Why the teacher target is out of reach
+# in the demo" (+2.5 at 781 steps, +3.6 at 1,200; 0.45 s a step on a 2-core AVX-512 CPU).
+TEACHER_TARGET_STEPS = 1200
+
+
+def _teacher_note(summary: dict[str, Any]) -> list[str]:
+    """Why the teacher's kNN target was missed, when it was: the measured steps it needs against the run's."""
+    row = next((r for r in summary.get("learned", []) if r["run"] == "teacher"), None)
+    if row is None or row["met"]:
+        return []
+    evals = summary.get("evals", {})
+    steps = (summary.get("plan") or {}).get("steps")
+    ran = f"the {steps} steps this run gave it" if steps else "the steps this run gave it"
+    linear = ""
+    lin = [evals.get(k, {}).get("linear", {}).get("accuracy") for k in ("teacher", "teacher_untrained")]
+    if None not in lin:
+        linear = f" Its linear probe moved {100 * (lin[0] - lin[1]):+.1f} points over the untrained network."
+    return [
+        f"The teacher missed its target ({row['gain']:+.1f} kNN points, > {row['target']:.0f} needed). An "
+        "untrained ResNet-18 is already a strong kNN feature at 32 px, and its kNN rises slowly: on held-out "
+        f"training images the teacher's recipe needs about {TEACHER_TARGET_STEPS:,} steps of batch 64 to gain "
+        "3 points (about 9 minutes of teacher training alone on a 2-core AVX-512 CPU), against "
+        f'{ran} (BENCHMARKS.md, "Why the teacher target is out of reach in the demo").{linear}',
+        "",
+    ]
+
+
 def _export_table(exports: list[dict[str, Any]], bench: dict[str, Any]) -> list[str]:
     latency: dict[tuple[str, int], float] = {}
     for row in bench.get("rows", []):
@@ -207,6 +235,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         "",
         *_learning_lines(summary.get("learned", [])),
         "",
+        *_teacher_note(summary),
         "## Exported RoB student",
         "",
         *_export_table(summary["exports"], summary.get("bench", {})),
