@@ -67,11 +67,12 @@ def bench_run(
     tmp: Path,
     qat: QATSettings,
     threads: int = 2,
+    resolution: int | None = None,
 ) -> list[dict]:
     ckpt = run / "checkpoint.pt"
     student, meta = load_student(ckpt)
     probe = load_probe(run / "probe.pt")[0] if (run / "probe.pt").is_file() else None
-    res = int(meta.get("resolution") or 32)
+    res = int(resolution or meta.get("resolution") or 32)
     norm = meta.get("normalization") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     train_ds, test_ds = open_eval_splits("fashion-mnist", train_limit, test_limit, canvas_px=res)
 
@@ -84,12 +85,15 @@ def bench_run(
     (x_tr, y_tr), (x_te, y_te) = embed(student)
     base_knn = knn_accuracy(x_tr, y_tr, x_te, y_te)
     base_probe = _probe_top1(probe, x_te, y_te)
-    name = f"{run.name} ({student.arch}, {meta.get('method')}, {meta.get('progress', {}).get('global_step')} steps)"
+    name = (
+        f"{run.name} ({student.arch}, {meta.get('method')}, {meta.get('progress', {}).get('global_step')} steps"
+        f"{'' if res == meta.get('resolution') else f', run at {res} px'})"
+    )
     rows = [{"run": name, "target": "pytorch fp32", "knn": base_knn, "probe": base_probe}]
     print(f"{name}: pytorch fp32 kNN {base_knn:.4f} probe {base_probe}", flush=True)
     paths = []
     for t in targets:
-        r, seconds = export_row(student, t, tmp / run.name, meta, qat)
+        r, seconds = export_row(student, t, tmp / run.name, meta, qat, resolution=res)
         if r is None:
             continue
         (f_tr, _), (f_te, _) = embed(ExportedFileModel(r.path, threads=torch.get_num_threads()))
@@ -132,6 +136,12 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8-accuracy"))
     ap.add_argument("--threads", type=int, default=2, help="threads the files are timed at")
+    ap.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="input px of the files and of the evaluation (default: each checkpoint's training resolution)",
+    )
     add_qat_args(ap)
     args = ap.parse_args()
     qat = qat_settings(args)
@@ -141,7 +151,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for run in args.runs:
             rows += bench_run(
-                run, args.targets.split(","), args.train_limit, args.test_limit, Path(d), qat, args.threads
+                run,
+                args.targets.split(","),
+                args.train_limit,
+                args.test_limit,
+                Path(d),
+                qat,
+                args.threads,
+                args.resolution,
             )
     lines = [
         "| student run | target | parity cos | float units | kNN top-1 % (Δ pt) | fp32 probe top-1 % (Δ pt) "

@@ -189,6 +189,35 @@ def test_export_qat_from_the_cli_writes_an_all_int8_file_and_records_qat(trained
     assert T.weight_types(out).get("int8", 0) > 0
 
 
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "vit_tiny"])
+def test_export_qat_runs_from_the_cli_for_every_student_family(arch, tmp_path):
+    """``--qat`` is not a MobileNetV3 special case: a depthwise CNN, a residual CNN and a transformer each
+    get a QAT-trained int8 file from the CLI, with what QAT did on the card and the file's parity met
+    (QAT or, where it loses, the post-training plan: the card says which graph the file holds)."""
+    from click.testing import CliRunner
+    from export_helpers import save_student_checkpoint
+
+    from robkit.cli import main
+    from robkit.export import tflite_format as T
+    from robkit.export.card import read_card
+
+    student = make_student(arch, images=64)
+    ckpt = save_student_checkpoint(student, tmp_path / "ckpt.pt", arch=arch)
+    out = tmp_path / f"{arch}.tflite"
+    args = ["export", str(ckpt), "--target", "android-tflite-int8", "--out", str(out), "--qat"]
+    args += ["--qat-steps", "3", "--qat-images", "48", "--qat-batch-size", "8"]
+    r = CliRunner().invoke(main, args + ["--calibration-images", "16", "--parity-images", "16"])
+    assert r.exit_code == 0, r.output
+    assert "qat      3 steps" in r.output
+    card = read_card(out)
+    qat = card["quantization"]["qat"]
+    assert qat["steps"] == 3 and qat["images"] == 48
+    assert qat["graph"] in ("qat", "ptq") and qat["loss_first"] is not None and qat["loss_last"] is not None
+    assert 0 < qat["cosine_before"] <= 1 and 0 < qat["cosine_after"] <= 1
+    assert card["status"] == "passed" and card["parity"]["cosine"] >= 0.98
+    assert T.weight_types(out).get("int8", 0) > 0
+
+
 def test_qat_is_refused_for_targets_it_does_not_train_for(tmp_path):
     from click.testing import CliRunner
 

@@ -427,7 +427,7 @@ def qat_distill(
         for fq in ranges:
             fq.clamp_()
         result.losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{float(loss):.5f}")
+        bar.set_postfix(loss=f"{result.losses[-1]:.5f}")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == steps:
             save(step + 1)
         if on_step is not None:
