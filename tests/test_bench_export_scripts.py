@@ -72,3 +72,25 @@ def test_qat_steps_bench_reports_ptq_and_qat_cosines(tmp_path):
     stored = json.loads((out / "qat_steps.json").read_text())
     assert stored["rows"] == rows and stored["machine"]["threads"] == 2
     assert (out / "qat_steps.png").stat().st_size > 0 and "| qat |" in (out / "qat_steps.md").read_text()
+
+
+def test_int8_accuracy_bench_runs_the_files_at_another_resolution(tmp_path):
+    """``--resolution``: the files are exported for, and the evaluation images resized to, that input size
+    (the row says so), while the checkpoint keeps its training resolution."""
+    import bench_int8_accuracy
+
+    from robkit.export.qat import QATSettings
+
+    run = tmp_path / "run"
+    save_student_checkpoint(make_student("mobilenet_v3_small", images=32), run / "checkpoint.pt")
+    rows = bench_int8_accuracy.bench_run(
+        run, ["android-tflite-fp32"], 64, 32, tmp_path / "files", QATSettings(), threads=1, resolution=48
+    )
+    base, fp32 = rows
+    assert base["target"] == "pytorch fp32" and "run at 48 px" in base["run"]
+    assert fp32["target"] == "android-tflite-fp32" and fp32["passed"] and fp32["parity_cosine"] > 0.999
+    assert abs(fp32["knn"] - base["knn"]) <= 2 / 32  # the file at 48 px computes what PyTorch does at 48 px
+    from robkit.export.tflite_format import TFLiteRunner
+
+    runner = TFLiteRunner(tmp_path / "files" / "run-android-tflite-fp32.tflite")
+    assert 48 in [int(v) for v in runner.inp["shape"]]
