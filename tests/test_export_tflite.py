@@ -189,3 +189,50 @@ def test_a_quantised_graph_output_gets_a_float_output_tensor(tmp_path):
     assert out2["dtype"] == np.float32
     np.testing.assert_array_equal(y, (raw.astype(np.float32) - zero) * scale)
     assert T.float_outputs(path) == 0  # idempotent
+
+
+def test_hardswish_rewrite_computes_hardswish_and_leaves_the_student_alone():
+    from robkit.export.tflite_format import XNNPackHardswish, xnnpack_int8_friendly
+    from robkit.models.students import build_student
+
+    x = torch.linspace(-5, 5, 2001)
+    assert torch.allclose(XNNPackHardswish()(x), torch.nn.functional.hardswish(x), atol=1e-6)
+    student = build_student("mobilenet_v3_small").eval()
+    n = sum(isinstance(m, torch.nn.Hardswish) for m in student.modules())
+    rewritten, replaced = xnnpack_int8_friendly(student)
+    assert n > 0 and replaced == n
+    assert not any(isinstance(m, torch.nn.Hardswish) for m in rewritten.modules())
+    assert sum(isinstance(m, torch.nn.Hardswish) for m in student.modules()) == n  # the original is untouched
+    # the float-fallback search names the same module paths
+    assert {k for k, _ in student.named_modules()} == {k for k, _ in rewritten.named_modules()}
+    xs = normalised(load_images("fashion-mnist", "train", 4, RES, offset=700)[0])
+    with torch.no_grad():
+        assert torch.allclose(rewritten(xs), student(xs), atol=1e-5)
+
+
+def test_static_int8_mobilenet_v3_runs_in_one_xnnpack_partition(tmp_path):
+    """LiteRT's XNNPACK delegate takes no int8 HARD_SWISH: left as such, each one runs outside the delegate
+    and cuts the graph (an int8 MobileNetV3 was slower than its fp32 file). The int8 file has none, and
+    after delegation the whole graph is one XNNPACK partition, as the fp32 file is."""
+    from ai_edge_litert.interpreter import Interpreter
+    from export_helpers import trained_student
+
+    from robkit.export.exporter import export_model
+    from robkit.export.targets import get_target
+
+    meta = {"normalization": {"mean": MEAN, "std": STD}, "resolution": RES}
+    res = export_model(
+        trained_student(),
+        get_target("android-tflite-int8"),
+        tmp_path / "q",
+        calibration_images=16,
+        parity_images=16,
+        meta=meta,
+    )
+    assert res.passed
+    conv = res.card["conversion"]
+    assert conv["hardswish_rewritten"] > 0 and "HARD_SWISH" not in conv["ops"]
+    assert conv["weights"].get("int8", 0) > 0
+    it = Interpreter(model_path=str(res.path), num_threads=1)
+    it.allocate_tensors()
+    assert [o["op_name"] for o in it._get_ops_details()].count("DELEGATE") == 1
