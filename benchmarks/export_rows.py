@@ -45,7 +45,7 @@ def qat_settings(args: argparse.Namespace) -> QATSettings:
 
 
 def export_row(
-    student: torch.nn.Module, row: str, stem: Path, meta: dict[str, Any], qat: QATSettings, **kw: Any
+    student: torch.nn.Module, row: str, stem: Path, meta: dict[str, Any], qat: QATSettings | None, **kw: Any
 ) -> tuple[ExportResult | None, float]:
     """Export ``student`` for ``row`` to ``STEM-TARGET[-qat]``: ``(result or None, seconds)``."""
     target, with_qat = split_row(row)
