@@ -133,12 +133,11 @@ def bench_model(
 
 
 def default_choice(arch: str, rows: list[dict], t: int) -> dict | None:
-    """What `--target auto` picks: the first catalog candidate that met parity."""
-    for name in auto_candidates(arch):
-        for r in rows:
-            if r.get("target") == name and r["threads"] == t and r.get("passed"):
-                return r
-    return None
+    """What `--target auto` picks: of the catalog candidates that met parity, the fastest measured here
+    (ties: the catalog's order)."""
+    names = auto_candidates(arch)
+    met = [r for r in rows if r.get("target") in names and r["threads"] == t and r.get("passed")]
+    return min(met, key=lambda r: (r["median_ms"], names.index(r["target"])), default=None)
 
 
 def _qat_cell(r: dict) -> str:

@@ -94,3 +94,20 @@ def test_int8_accuracy_bench_runs_the_files_at_another_resolution(tmp_path):
 
     runner = TFLiteRunner(tmp_path / "files" / "run-android-tflite-fp32.tflite")
     assert 48 in [int(v) for v in runner.inp["shape"]]
+
+
+def test_the_bench_reports_the_auto_pick_as_the_fastest_candidate_meeting_parity():
+    import bench_export
+
+    names = bench_export.auto_candidates("mobilenet_v3")
+    first, second = names[0], names[1]
+    rows = [
+        {"target": first, "threads": 2, "passed": True, "median_ms": 3.0},
+        {"target": second, "threads": 2, "passed": True, "median_ms": 2.0},
+        {"target": names[-1], "threads": 2, "passed": False, "median_ms": 1.0},  # fastest, misses parity
+        {"target": second, "threads": 1, "passed": True, "median_ms": 0.5},  # other thread count
+    ]
+    assert bench_export.default_choice("mobilenet_v3", rows, 2)["target"] == second
+    rows[1]["median_ms"] = 3.0  # a tie goes to the catalog's order
+    assert bench_export.default_choice("mobilenet_v3", rows, 2)["target"] == first
+    assert bench_export.default_choice("mobilenet_v3", rows[2:3], 2) is None
